@@ -1,0 +1,41 @@
+# Every target creates or reuses .venv itself: torch first (the local CPU build, exact pin),
+# then the project with its dev extras. Nothing else needs to be installed beforehand.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.ckptio-installed
+
+.PHONY: venv demo test lint format bench bench-quick stress clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -n auto -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) -m benchmarks --out bench-out
+
+stress: $(STAMP)
+	$(PY) -m pytest -q tests/test_crash.py --stress
+
+clean:
+	rm -rf runs bench-out .pytest_cache

@@ -1,0 +1,407 @@
+"""Byte formats: a streaming safetensors writer, a validating memory-mapped reader, legacy .pt.
+
+The safetensors files written here are standard (stock ``safetensors.safe_open`` reads them).
+ckptio's additions live in the header's ``__metadata__`` (string to string):
+
+- ``ckptio.format``: format version; ``ckptio.architecture``: ``{"class_path", "config"}`` JSON;
+  ``ckptio.epoch``; ``ckptio.aliases``: ``{alias: stored_key}`` for tied tensors stored once;
+- ``ckptio.crc32`` and ``ckptio.data_bytes``: a CRC-32 of the data section, computed while
+  streaming it out, and its length.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import mmap
+import os
+import pickle
+import shutil
+import struct
+import tempfile
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+import torch
+
+from .errors import CheckpointFormatError, CheckpointSecurityError, CorruptCheckpointError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SafetensorsHeader",
+    "load_pt",
+    "read_header",
+    "read_safetensors",
+    "save_pt",
+    "verify_safetensors",
+    "write_safetensors",
+]
+
+FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # same bound as the safetensors reference implementation
+_CHUNK = 64 * 1024 * 1024
+
+_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in [
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
+        ("BOOL", "bool"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+        ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ]
+    if hasattr(torch, attr)
+}  # fmt: skip
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def _dtype_name(t: torch.Tensor, key: str) -> str:
+    try:
+        return _NAMES[t.dtype]
+    except KeyError:
+        raise CheckpointFormatError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot store") from None
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without copying (t must be contiguous and on the CPU)."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_all(f: IO[bytes], view: memoryview) -> None:
+    # Unbuffered files may write less than asked (Linux caps one write(2) near 2 GiB).
+    while view:
+        n = f.write(view)
+        if n is None or n >= len(view):
+            return
+        view = view[n:]
+
+
+def _alias_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+def _prepare(tensors: Mapping[str, torch.Tensor], detach: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU, contiguous tensors with exact aliases (tied weights) reduced to one stored key."""
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for key, t in tensors.items():
+        if not isinstance(key, str):
+            raise CheckpointFormatError(f"state dict key {key!r} is not a string")
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointFormatError(f"state dict value {key!r} is a {type(t).__name__}, not a tensor")
+        if key == "__metadata__":
+            raise CheckpointFormatError("'__metadata__' is reserved by safetensors and cannot be a tensor name")
+        if t.requires_grad and not detach:
+            raise CheckpointFormatError(f"tensor {key!r} requires grad; save with detach_buffers=True")
+        if t.numel() > 0 and t.untyped_storage().data_ptr() != 0:
+            ak = _alias_key(t)
+            if ak in seen:
+                aliases[key] = seen[ak]
+                continue
+            seen[ak] = key
+        _dtype_name(t, key)
+        stored[key] = t.detach().to("cpu").contiguous()
+    return stored, aliases
+
+
+@dataclass
+class WriteResult:
+    data_bytes: int
+    crc32: str
+
+
+def write_safetensors(
+    f: IO[bytes],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    detach: bool = True,
+) -> WriteResult:
+    """Stream a safetensors file into ``f``: header, then each tensor's bytes straight from memory.
+
+    Tensors are laid out by decreasing element size (header keys keep state-dict order), so every
+    tensor starts aligned for its dtype and can be memory-mapped without a copy.
+    """
+    if not f.seekable():
+        with tempfile.TemporaryFile() as spool:  # the digest goes into the header, after the data
+            result = write_safetensors(spool, tensors, metadata, detach=detach)
+            spool.seek(0)
+            shutil.copyfileobj(spool, f, _CHUNK)
+        return result
+    stored, aliases = _prepare(tensors, detach)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta["ckptio.format"] = FORMAT_VERSION
+    meta["ckptio.crc32"] = "00000000"
+    if aliases:
+        meta["ckptio.aliases"] = json.dumps(aliases)
+    order = sorted(stored, key=lambda k: -stored[k].element_size())
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for key in order:
+        n = stored[key].numel() * stored[key].element_size()
+        offsets[key] = (pos, pos + n)
+        pos += n
+    meta["ckptio.data_bytes"] = str(pos)
+    header: dict[str, Any] = {"__metadata__": meta}
+    for key, t in stored.items():
+        header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": list(offsets[key])}
+    hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    hbytes += b" " * (-len(hbytes) % 8)
+    marker = b'"ckptio.crc32":"'
+    digest_at = 8 + hbytes.index(marker) + len(marker)
+    start = f.tell()
+    f.write(struct.pack("<Q", len(hbytes)) + hbytes)
+    crc = 0
+    for key in order:
+        view = _as_bytes(stored[key])
+        for i in range(0, len(view), _CHUNK):
+            chunk = view[i : i + _CHUNK]
+            crc = zlib.crc32(chunk, crc)
+            _write_all(f, chunk)
+    end = f.tell()
+    digest = f"{crc:08x}"
+    f.seek(start + digest_at)
+    f.write(digest.encode())
+    f.seek(end)
+    return WriteResult(data_bytes=pos, crc32=digest)
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class SafetensorsHeader:
+    """A validated header: tensor entries in file order of keys, metadata, and where data starts."""
+
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise CorruptCheckpointError(f"duplicate tensor name {k!r}")
+        out[k] = v
+    return out
+
+
+def read_header(f: IO[bytes], file_size: int, source: str) -> SafetensorsHeader:
+    """Read and validate a safetensors header; checks offsets against the file length (no data pass)."""
+
+    def bad(msg: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{source}: {msg}")
+
+    if file_size < 8:
+        raise bad(f"file is {file_size} bytes, too short for a safetensors header")
+    f.seek(0)
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise bad("file ended inside the header length")
+    (n,) = struct.unpack("<Q", raw)
+    if n > MAX_HEADER_BYTES:
+        raise bad(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if n > file_size - 8:
+        raise bad(f"header length {n} is larger than the file ({file_size} bytes): truncated or not safetensors")
+    hbytes = f.read(n)
+    if len(hbytes) != n:
+        raise bad("file ended inside the header")
+    try:
+        header = json.loads(hbytes.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except CorruptCheckpointError as e:
+        raise bad(str(e)) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f"header is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ must map strings to strings")
+    data_size = file_size - 8 - n
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+    for key, e in header.items():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad(f"tensor name {key!r} is not valid UTF-8") from None
+        if not isinstance(e, dict):
+            raise bad(f"entry for {key!r} is not an object")
+        dtype = _DTYPES.get(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
+        if dtype is None:
+            raise bad(f"tensor {key!r} has unknown dtype {e.get('dtype')!r}")
+        shape, offs = e.get("shape"), e.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"tensor {key!r} has invalid shape {shape!r}")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(type(o) is int for o in offs)
+            or not 0 <= offs[0] <= offs[1]
+        ):
+            raise bad(f"tensor {key!r} has invalid data_offsets {offs!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if offs[1] - offs[0] != nbytes:
+            raise bad(
+                f"tensor {key!r}: shape {shape} of {e['dtype']} needs {nbytes} bytes, offsets give {offs[1] - offs[0]}"
+            )
+        entries[key] = (dtype, tuple(shape), offs[0], offs[1])
+    pos = 0
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin < pos:
+            raise bad(f"tensor {key!r} overlaps another tensor (offset {begin} < {pos})")
+        if begin > pos:
+            raise bad(f"gap in the data section before tensor {key!r} (offset {begin}, expected {pos})")
+        pos = end
+    if pos > data_size:
+        raise bad(f"truncated: header describes {pos} bytes of tensor data but the file holds {data_size}")
+    if pos < data_size:
+        raise bad(f"{data_size - pos} unexpected bytes after the last tensor")
+    declared = metadata.get("ckptio.data_bytes")
+    if declared is not None and declared != str(pos):
+        raise bad(f"metadata says {declared} data bytes but the header describes {pos}")
+    return SafetensorsHeader(entries=entries, metadata=metadata, data_start=8 + n, file_size=file_size)
+
+
+def _tensor_from(buf: Any, base: int, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
+    if end == begin:
+        return torch.empty(shape, dtype=dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    offset = base + begin
+    if offset % itemsize:  # files from other writers may misalign: copy rather than hand out a bad pointer
+        raw = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=offset).clone()
+        return raw.view(dtype).view(shape)
+    return torch.frombuffer(buf, dtype=dtype, count=(end - begin) // itemsize, offset=offset).view(shape)
+
+
+def _file_size(f: IO[bytes]) -> int:
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pos = f.tell()
+        size = f.seek(0, os.SEEK_END)
+        f.seek(pos)
+        return size
+
+
+def read_safetensors(
+    f: IO[bytes], source: str, *, mmap_file: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (in header key order, aliases re-tied) and metadata from an open safetensors file.
+
+    With ``mmap_file`` the tensors are views over a private copy-on-write mapping: opening costs
+    only the header, pages load on first touch, processes share the page cache, and writes to a
+    tensor never reach the file. Otherwise the data section is read into one buffer.
+    """
+    size = _file_size(f)
+    hdr = read_header(f, size, source)
+    if mmap_file and hasattr(f, "fileno") and size > 0:
+        buf: Any = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        base = hdr.data_start
+    else:
+        f.seek(hdr.data_start)
+        buf = bytearray(size - hdr.data_start)
+        got = f.readinto(buf) if hasattr(f, "readinto") else None
+        if got is None:
+            data = f.read()
+            got = len(data)
+            buf[:got] = data
+        if got != len(buf):
+            raise CorruptCheckpointError(f"{source}: file shrank while reading ({got} of {len(buf)} data bytes)")
+        base = 0
+    tensors = {key: _tensor_from(buf, base, *entry) for key, entry in hdr.entries.items()}
+    aliases = hdr.metadata.get("ckptio.aliases")
+    if aliases:
+        try:
+            amap = json.loads(aliases)
+            for alias, target in amap.items():
+                tensors[alias] = tensors[target]
+        except (ValueError, KeyError, AttributeError, TypeError) as e:
+            raise CorruptCheckpointError(f"{source}: invalid ckptio.aliases metadata: {e!r}") from None
+    return tensors, hdr.metadata
+
+
+def verify_safetensors(f: IO[bytes], source: str) -> None:
+    """Full check: header and offsets, then the CRC-32 of the data section against the header's."""
+    size = _file_size(f)
+    hdr = read_header(f, size, source)
+    expected = hdr.metadata.get("ckptio.crc32")
+    if expected is None:
+        raise CorruptCheckpointError(f"{source}: no ckptio.crc32 digest in the header; cannot verify contents")
+    f.seek(hdr.data_start)
+    crc = 0
+    buf = bytearray(min(_CHUNK, max(size - hdr.data_start, 1)))
+    view = memoryview(buf)
+    while True:
+        n = f.readinto(view) if hasattr(f, "readinto") else None
+        if n is None:
+            chunk = f.read(len(buf))
+            n = len(chunk)
+            view[:n] = chunk
+        if not n:
+            break
+        crc = zlib.crc32(view[:n], crc)
+    if f"{crc:08x}" != expected:
+        raise CorruptCheckpointError(f"{source}: content digest mismatch (crc32 {crc:08x}, header says {expected})")
+
+
+# --------------------------------------------------------------------------------------------
+# legacy .pt
+
+
+def save_pt(f: IO[bytes], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """torch.save a plain structure (state dict + string metadata) that weights_only loading accepts."""
+    state = {k: v.detach().to("cpu") for k, v in tensors.items()}
+    torch.save({"state_dict": state, "ckptio_metadata": dict(metadata or {})}, f)
+
+
+def load_pt(
+    f: IO[bytes], source: str, *, trusted: bool = False, mmap_file: bool = True
+) -> tuple[dict[str, torch.Tensor] | torch.nn.Module, dict[str, str]]:
+    """A legacy .pt: a state dict (plain or under ``state_dict``) or, only if trusted, a pickled module."""
+    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not trusted}
+    path = getattr(f, "name", None)
+    target: Any = f
+    if mmap_file and isinstance(path, str) and os.path.isfile(path):
+        target, kwargs["mmap"] = path, True
+    try:
+        obj = torch.load(target, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise CheckpointSecurityError(
+            f"{source}: refused to unpickle objects other than tensors and plain containers "
+            f"({str(e).splitlines()[0][:200]}). If this is a whole pickled module from a source you trust, "
+            "load it with trusted=True; better, convert it to safetensors once."
+        ) from None
+    except RuntimeError as e:
+        if mmap_file and kwargs.get("mmap") and "mmap" in str(e):  # old non-zip .pt files cannot be mapped
+            f.seek(0)
+            return load_pt(f, source, trusted=trusted, mmap_file=False)
+        raise CorruptCheckpointError(f"{source}: not a readable torch.save file: {e}") from None
+    except (EOFError, ValueError, OSError, struct.error) as e:
+        raise CorruptCheckpointError(f"{source}: not a readable torch.save file: {e}") from None
+    if isinstance(obj, torch.nn.Module):
+        return obj, {}
+    metadata: dict[str, str] = {}
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        raw_meta = obj.get("ckptio_metadata") or {}
+        metadata = {str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, Mapping) else {}
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointFormatError(
+            f"{source}: expected a state dict (names to tensors) or a module, got {type(obj).__name__}"
+        )
+    return {str(k): v for k, v in obj.items()}, metadata

@@ -1,0 +1,215 @@
+"""One storage abstraction over fsspec: local disk, memory://, s3://, gs:// behave the same.
+
+Local writes go to a hidden temporary in the destination directory, are fsync'ed, renamed into
+place and the directory is fsync'ed, so a file is either whole or absent. Object stores have no
+rename, but an object only becomes visible once its upload completes, which gives the same
+all-or-nothing property per object. Write-once files use an exclusive create: ``link(2)`` of the
+finished temporary locally, a conditional PUT (``mode="xb"``) on stores that support it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSecurityError
+
+__all__ = ["Storage", "FileInfo", "TMP_MARK", "is_temporary", "split_uri"]
+
+TMP_MARK = ".ckptio-tmp."
+
+
+def is_temporary(name: str) -> bool:
+    return TMP_MARK in name
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    name: str
+    size: int
+    version: str  # changes whenever the object's content may have changed (etag, generation, mtime)
+
+
+def split_uri(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    except (ValueError, ImportError) as e:
+        raise CheckpointError(f"cannot open storage for {uri!r}: {e}") from e
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Storage:
+    """A directory on some filesystem, addressed by names relative to it."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+        self.uri = uri
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = split_uri(uri, self.storage_options)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
+
+    # -- addressing --------------------------------------------------------------------------
+    def path(self, name: str) -> str:
+        """Filesystem path of ``name``; refuses names that would leave this directory."""
+        if not name or name.startswith("/") or "\\" in name:
+            raise CheckpointSecurityError(f"{self.uri}: invalid file name {name!r}")
+        parts = name.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise CheckpointSecurityError(f"{self.uri}: file name {name!r} would escape the directory")
+        joined = posixpath.join(self.root, name)
+        if self.is_local:
+            real_root = os.path.realpath(self.root)
+            real = os.path.realpath(joined)
+            if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+                raise CheckpointSecurityError(f"{self.uri}: {name!r} resolves outside the directory (symlink?)")
+        return joined
+
+    def url(self, name: str | None = None) -> str:
+        """A URI another Storage (or ckptio.load_from_uri) can open."""
+        p = self.root if name is None else posixpath.join(self.root, name)
+        return p if self.is_local else self.fs.unstrip_protocol(p)
+
+    def local_path(self, name: str) -> str | None:
+        """Path usable with open()/mmap, or None when the storage is not the local disk."""
+        return self.path(name) if self.is_local else None
+
+    # -- reading -----------------------------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        return bool(self.fs.exists(self.path(name)))
+
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(name))
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+
+    def open(self, name: str, mode: str = "rb") -> IO[bytes]:
+        try:
+            return self.fs.open(self.path(name), mode)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+
+    def info(self, name: str) -> FileInfo:
+        try:
+            info = self.fs.info(self.path(name))
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+        version = next(
+            (
+                str(info[k])
+                for k in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "created")
+                if info.get(k) is not None
+            ),
+            "",
+        )
+        return FileInfo(name=name, size=int(info.get("size") or 0), version=f"{version}:{info.get('size')}")
+
+    def listdir(self) -> list[str]:
+        """Names of the files directly in this directory (every page of a paginated listing)."""
+        try:
+            entries = self.fs.ls(self.root, detail=False, refresh=True) if not self.is_local else os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        except TypeError:  # filesystems without the refresh keyword
+            entries = self.fs.ls(self.root, detail=False)
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    # -- writing -----------------------------------------------------------------------------
+    def write(self, name: str, writer: Callable[[IO[bytes]], None], *, exclusive: bool = False) -> str:
+        """Write ``name`` all-or-nothing via ``writer(file)``; exclusive raises FileExistsError if present."""
+        path = self.path(name)
+        if self.is_local:
+            self._write_local(path, writer, exclusive)
+        else:
+            self._write_remote(path, writer, exclusive)
+        return self.url(name)
+
+    def write_bytes(self, name: str, data: bytes, *, exclusive: bool = False) -> str:
+        return self.write(name, lambda f: f.write(data), exclusive=exclusive)
+
+    def _write_local(self, path: str, writer: Callable[[IO[bytes]], None], exclusive: bool) -> None:
+        directory, base = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        if exclusive and os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "write-once file exists", path)
+        tmp = os.path.join(directory, f".{base}{TMP_MARK}{os.getpid()}.{uuid.uuid4().hex[:12]}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            with open(fd, "wb", buffering=0) as f:
+                writer(f)
+                os.fsync(f.fileno())
+            if exclusive:
+                os.link(tmp, path)  # atomic and fails if path exists: exactly one racer wins
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
+            _fsync_dir(directory)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def _write_remote(self, path: str, writer: Callable[[IO[bytes]], None], exclusive: bool) -> None:
+        parent = posixpath.dirname(path)
+        if parent and not self.fs.exists(parent):
+            self.fs.makedirs(parent, exist_ok=True)
+        if exclusive:
+            try:
+                with self.fs.open(path, "xb") as f:
+                    writer(f)
+                return
+            except (NotImplementedError, ValueError):
+                pass  # backend has no conditional create: rely on the single-writer guarantee
+            if self.fs.exists(path):
+                raise FileExistsError(errno.EEXIST, "write-once file exists", path)
+        with self.fs.open(path, "wb") as f:
+            writer(f)
+
+    def delete(self, name: str, missing_ok: bool = True) -> None:
+        try:
+            self.fs.rm_file(self.path(name))
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def clean_temporaries(self) -> list[str]:
+        """Remove temporaries left by crashed writers on this host; returns what was removed."""
+        if not self.is_local:
+            return []
+        removed = []
+        for name in self.listdir():
+            if not is_temporary(name):
+                continue
+            owner = name.rsplit(TMP_MARK, 1)[1].split(".", 1)[0]
+            if owner.isdigit() and _pid_alive(int(owner)):
+                continue  # a live writer's file (this process's background saves included)
+            self.delete(name)
+            removed.append(name)
+        return removed

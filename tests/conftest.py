@@ -1,0 +1,39 @@
+import os
+import sys
+
+import pytest
+import torch
+
+import ckptio
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+
+ckptio.allow_architecture_modules("archs")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes that import the test architectures and the launch package."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, REPO_ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def env_meta():
+    from archs import ENV
+
+    return dict(ENV)
+
+
+@pytest.fixture
+def policy(env_meta):
+    from archs import MLPArch
+
+    torch.manual_seed(0)
+    return MLPArch().make_policy(env_meta)
+
+
+PYTHON = sys.executable
