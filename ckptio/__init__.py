@@ -8,6 +8,7 @@ from .architecture import (
     register_architecture,
 )
 from .artifact import MockArchitecture, MockPolicy, PolicyArtifact
+from .checkpointer import CheckpointConfig, Checkpointer
 from .errors import (
     ArchitectureError,
     CheckpointError,
@@ -28,32 +29,38 @@ from .manager import (
     select_checkpoints,
 )
 from .policy_io import load_policy_artifact, save_policy_artifact
+from .ranks import RankInfo, is_master, rank_info
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArchitectureError",
+    "CheckpointConfig",
     "CheckpointError",
     "CheckpointFormatError",
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointSecurityError",
+    "Checkpointer",
     "CorruptCheckpointError",
     "MockArchitecture",
     "MockPolicy",
     "PolicyArchitecture",
     "PolicyArtifact",
+    "RankInfo",
     "StateDictMismatchError",
     "UploadError",
     "allow_architecture_modules",
     "architecture_from_json",
     "architecture_to_json",
     "convert",
+    "is_master",
     "latest",
     "list_checkpoints",
     "load_from_uri",
     "load_policy_artifact",
+    "rank_info",
     "register_architecture",
     "save_policy_artifact",
     "select_checkpoints",
