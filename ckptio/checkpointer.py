@@ -166,7 +166,9 @@ class Checkpointer:
             if restore_rng and len(rng) == self.rank.world_size and me < len(rng):
                 restore_rng_state(rng[me])
             elif restore_rng and rng:
-                log.warning("RNG states were saved for %d ranks, this job has %d: not restored", len(rng), self.rank.world_size)
+                log.warning(
+                    "RNG states were saved for %d ranks, this job has %d: not restored", len(rng), self.rank.world_size
+                )
         log.info("resumed from %s (epoch %d) on rank %d", info.uri, info.epoch, self.rank.rank)
         return module
 

@@ -64,7 +64,7 @@ def unflatten(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], 
     def dec(node: Any) -> Any:
         if not isinstance(node, dict) or len(node) != 1:
             raise CorruptCheckpointError(f"{source}: malformed trainer-state node {str(node)[:80]}")
-        (kind, val), = node.items()
+        ((kind, val),) = node.items()
         if kind == "v":
             return val
         if kind in ("t", "n"):

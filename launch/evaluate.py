@@ -1,6 +1,6 @@
 """Evaluate a policy from any URI (file, run directory, s3://, gs://, memory://, mock://).
 
-    python -m launch.evaluate --uri runs/demo --episodes 2000
+python -m launch.evaluate --uri runs/demo --episodes 2000
 """
 
 from __future__ import annotations

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     global_step = 0
     if ckpt.resumed_from is not None:
-        say(f"resumed from {ckpt.resumed_from.uri} (epoch {ckpt.resumed_from.epoch}); continuing at epoch {ckpt.start_epoch}")
+        say(
+            f"resumed from {ckpt.resumed_from.uri} (epoch {ckpt.resumed_from.epoch}); continuing at epoch {ckpt.start_epoch}"
+        )
         if ckpt.trainer_state is not None:
             optimizer.load_state_dict(ckpt.trainer_state["optimizer"])
             global_step = ckpt.trainer_state["global_step"]

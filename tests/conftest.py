@@ -37,3 +37,22 @@ def policy(env_meta):
 
 
 PYTHON = sys.executable
+
+
+def torchrun_cmd(module: str, *args: str, nproc: int = 2) -> list[str]:
+    """A real 2-process torchrun; standalone rendezvous picks a free port, so xdist workers don't collide."""
+    return [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
+
+
+def run_torchrun(module: str, *args: str, timeout: float = 120, check: bool = True, **env: str):
+    import subprocess
+
+    proc = subprocess.run(
+        torchrun_cmd(module, *args), cwd=REPO_ROOT, env=subprocess_env(**env), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun {module} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+        )
+    return proc
