@@ -6,6 +6,7 @@ linear map of it. A policy learns it by imitation, so its loss falls visibly wit
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,7 @@ class PolicyConfig:
     def make_policy(self, env_metadata: EnvMetadata) -> torch.nn.Module:
         dims = [env_metadata.obs_dim] + [self.hidden] * self.layers
         blocks: list[torch.nn.Module] = []
-        for a, b in zip(dims, dims[1:]):
+        for a, b in itertools.pairwise(dims):
             blocks += [torch.nn.Linear(a, b), torch.nn.Tanh()]
         blocks.append(torch.nn.Linear(dims[-1], env_metadata.num_actions))
         return torch.nn.Sequential(*blocks)
