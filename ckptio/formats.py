@@ -26,7 +26,12 @@ from typing import IO, Any
 
 import torch
 
-from .errors import CheckpointFormatError, CheckpointSecurityError, CorruptCheckpointError
+from .errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointSecurityError,
+    CorruptCheckpointError,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -391,6 +396,8 @@ def load_pt(
             f.seek(0)
             return load_pt(f, source, trusted=trusted, mmap_file=False)
         raise CorruptCheckpointError(f"{source}: not a readable torch.save file: {e}") from None
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{source}: file vanished while opening it") from None
     except (EOFError, ValueError, OSError, struct.error) as e:
         raise CorruptCheckpointError(f"{source}: not a readable torch.save file: {e}") from None
     if isinstance(obj, torch.nn.Module):

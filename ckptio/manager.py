@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
+_LATEST_RETRIES = 5
 
 
 @dataclass(frozen=True)
@@ -171,12 +172,19 @@ def load_from_uri(
     if uri.startswith("mock://"):
         return PolicyArtifact(policy_architecture=MockArchitecture(), state_dict={}, source=uri)
     storage, name = resolve(uri, storage_options)
-    if name is None:
+    kwargs = dict(policy_architecture=policy_architecture, mmap=mmap, trusted=trusted, verify=verify, allow=allow)
+    if name is not None:
+        return load_checkpoint(storage, name, **kwargs)
+    # "Latest" can be pruned between listing and opening it by a writer saving concurrently:
+    # list again rather than fail, a bounded number of times.
+    for attempt in range(_LATEST_RETRIES):
         info = latest(storage.url(), storage_options)
-        storage, name = info.storage, info.name
-    return load_checkpoint(
-        storage, name, policy_architecture=policy_architecture, mmap=mmap, trusted=trusted, verify=verify, allow=allow
-    )
+        try:
+            return load_checkpoint(info.storage, info.name, **kwargs)
+        except CheckpointNotFoundError:
+            if attempt == _LATEST_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def convert(src: str, dst: str, *, trusted: bool = False, storage_options: Mapping[str, Any] | None = None) -> str:

@@ -56,3 +56,20 @@ def run_torchrun(module: str, *args: str, timeout: float = 120, check: bool = Tr
             f"torchrun {module} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def pytest_addoption(parser):
+    parser.addoption("--stress", action="store_true", help="crash harness: thousands of SIGKILLs instead of 30")
+    parser.addoption("--kills", type=int, default=None, help="crash harness: exact number of SIGKILLs per writer")
+
+
+@pytest.fixture(scope="session")
+def forkserver():
+    """A multiprocessing context whose children fork from a server that already imported torch and ckptio."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    # the forkserver imports its preload list before it applies sys.path: give it PYTHONPATH
+    os.environ["PYTHONPATH"] = subprocess_env()["PYTHONPATH"]
+    ctx.set_forkserver_preload(["torch", "ckptio", "crash_jobs"])
+    return ctx
