@@ -110,7 +110,7 @@ def test_full_disk_mid_write_surfaces_and_keeps_previous(tmp_path, policy, monke
 
 
 def test_failing_fsync_surfaces_and_keeps_previous(tmp_path, policy, monkeypatch):
-    mgr, good = _fill(tmp_path, policy)
+    mgr, _ = _fill(tmp_path, policy)
 
     def eio(fd):
         raise OSError(errno.EIO, "Input/output error")
