@@ -6,9 +6,13 @@ from. Persistence itself is the CheckpointManager's job.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import logging
+import posixpath
+import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,10 +21,13 @@ import torch
 
 from . import ranks
 from .architecture import architecture_from_json, architecture_to_json, architectures_equal
+from .cache import DEFAULT_MAX_BYTES, NodeCache
 from .errors import ArchitectureError, CheckpointError, CheckpointNotFoundError
 from .manager import CheckpointInfo, CheckpointManager
-from .policy_io import MANIFEST_NAME
+from .policy_io import MANIFEST_NAME, METRICS_SUFFIX, TRAINER_SUFFIX, state_dict_of
+from .storage import Storage
 from .trainer_state import capture_rng_state, flatten, restore_rng_state, unflatten
+from .upload import Uploader, UploadJob
 
 __all__ = ["CheckpointConfig", "Checkpointer"]
 
@@ -36,6 +43,21 @@ class CheckpointConfig:
     keep_last: int | None = None
     keep_best: tuple[str, str, int] | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # Object storage: checkpoints are written locally, then uploaded by background threads.
+    remote_uri: str | None = None
+    remote_storage_options: dict[str, Any] = field(default_factory=dict)
+    upload_workers: int = 2
+    upload_max_pending: int = 2
+    upload_coalesce: bool = True
+    upload_retries: int = 5
+    upload_backoff_s: float = 0.5
+    upload_file_timeout_s: float | None = 600.0
+    close_timeout_s: float | None = None  # bound on close() waiting for uploads; None waits
+    # Async save: the training thread only snapshots tensors to CPU; the rest runs in background.
+    async_save: bool = False
+    # Node-local cache for checkpoints loaded from object storage.
+    cache_dir: str | None = None
+    cache_max_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
         if self.epoch_interval < 1:
@@ -64,10 +86,29 @@ class Checkpointer:
             keep_best=self.config.keep_best,
             storage_options=self.config.storage_options,
         )
+        self.remote: CheckpointManager | None = None
+        self.uploader: Uploader | None = None
+        if self.config.remote_uri:
+            self.remote = CheckpointManager(
+                self.config.remote_uri,
+                self.config.checkpoint_format,
+                keep_last=self.config.keep_last,
+                keep_best=self.config.keep_best,
+                run_name=self.manager.run_name,
+                storage_options=self.config.remote_storage_options,
+            )
+        self.cache = NodeCache(self.config.cache_dir, self.config.cache_max_bytes)
         self.resumed_from: CheckpointInfo | None = None
         self.trainer_state: Any = None
         self.start_epoch = 0
         self._registered = False
+        self._prune_lock = threading.Lock()
+        self._uploaded_since_resume = False
+        self._save_thread: threading.Thread | None = None
+        self._save_error: BaseException | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._closed = False
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     @property
     def policy_architecture(self) -> Any:
@@ -87,8 +128,15 @@ class Checkpointer:
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     def _check_manifest(self) -> str | None:
-        """Write the manifest if absent; an error message if it describes another architecture."""
-        storage = self.manager.storage
+        """Write the manifest (locally, and remotely) if absent; an error if one names another architecture."""
+        for manager in (self.manager, self.remote):
+            if manager is not None:
+                error = self._check_manifest_in(manager.storage)
+                if error:
+                    return error
+        return None
+
+    def _check_manifest_in(self, storage: Storage) -> str | None:
         try:
             storage.write_bytes(MANIFEST_NAME, self._manifest_payload(), exclusive=True)
             return None
@@ -129,13 +177,49 @@ class Checkpointer:
         return architecture_from_json(data, allow=self.allow, source=self.manager.storage.url(MANIFEST_NAME))
 
     # -- resume --------------------------------------------------------------------------------
-    def _choose_latest(self) -> str | None:
+    def _choose_latest(self) -> tuple[str, str] | None:
+        """(where, name) of the newest checkpoint, local or remote; the master's view only."""
         if not self.rank.is_master:
             return None
-        try:
-            return self.manager.latest().name
-        except CheckpointNotFoundError:
-            return None
+        found = []
+        for where, manager in (("local", self.manager), ("remote", self.remote)):
+            if manager is None:
+                continue
+            try:
+                info = manager.latest()
+            except CheckpointNotFoundError:
+                continue
+            found.append((info.epoch, where == "local", where, info.name))
+        return max(found)[2:] if found else None
+
+    def _load(
+        self, manager: CheckpointManager, info: CheckpointInfo, env_metadata: Any, device: Any, restore_rng: bool
+    ) -> torch.nn.Module:
+        if not info.storage.is_local:
+            # one download per node: the node's first rank fills the cache, the others wait, then
+            # every rank maps the same local file
+            if self.rank.is_local_master:
+                self.cache.fetch(info.storage, info.name)
+                if info.storage.exists(info.base + TRAINER_SUFFIX):
+                    self.cache.fetch(info.storage, info.base + TRAINER_SUFFIX)
+            ranks.barrier()
+        artifact = manager.load_from_uri(info.uri, self._architecture, allow=self.allow, cache=self.cache)
+        module = artifact.instantiate(env_metadata, device=device)
+        raw = manager.read_trainer_state(info, cache=self.cache)
+        self.trainer_state = None
+        if raw is not None:
+            tree = unflatten(*raw, source=info.storage.url(info.base))
+            self.trainer_state = tree.get("user")
+            if restore_rng:
+                self._restore_rng(tree.get("rng") or [])
+        return module
+
+    def _restore_rng(self, rng: list[Any]) -> None:
+        me, world = self.rank.rank, self.rank.world_size
+        if len(rng) == world:
+            restore_rng_state(rng[me])
+        elif rng:
+            log.warning("RNG states were saved for %d ranks, this job has %d: not restored", len(rng), world)
 
     def load_or_create_policy(
         self, env_metadata: Any, *, device: torch.device | str | None = None, restore_rng: bool = True
@@ -151,24 +235,13 @@ class Checkpointer:
                 module = self._architecture.make_policy(env_metadata)
             self.resumed_from, self.trainer_state, self.start_epoch = None, None, 0
             return module.to(device) if device is not None else module
-        info = next(i for i in self.manager.list_checkpoints() if i.name == chosen)
-        artifact = self.manager.load_from_uri(info.uri, self._architecture, allow=self.allow)
-        module = artifact.instantiate(env_metadata, device=device)
+        where, name = chosen
+        manager = self.manager if where == "local" else self.remote
+        assert manager is not None
+        info = next(i for i in manager.list_checkpoints() if i.name == name)
+        module = self._load(manager, info, env_metadata, device, restore_rng)
         self.resumed_from = info
         self.start_epoch = info.epoch + 1
-        self.trainer_state = None
-        raw = self.manager.read_trainer_state(info)
-        if raw is not None:
-            tree = unflatten(*raw, source=info.storage.url(info.base))
-            self.trainer_state = tree.get("user")
-            rng = tree.get("rng") or []
-            me = self.rank.rank
-            if restore_rng and len(rng) == self.rank.world_size and me < len(rng):
-                restore_rng_state(rng[me])
-            elif restore_rng and rng:
-                log.warning(
-                    "RNG states were saved for %d ranks, this job has %d: not restored", len(rng), self.rank.world_size
-                )
         log.info("resumed from %s (epoch %d) on rank %d", info.uri, info.epoch, self.rank.rank)
         return module
 
@@ -183,11 +256,14 @@ class Checkpointer:
         training_metrics: Mapping[str, Any] | None = None,
         trainer_state: Any = None,
         force: bool = False,
+        async_: bool | None = None,
     ) -> str | None:
         """Save on the master (others return None at once); honours epoch_interval unless forced.
 
         With ``trainer_state`` (optimizer state, step counters...), every rank's RNG state is
-        gathered too, so call it on every rank. Returns the checkpoint URI on the master.
+        gathered too, so call it on every rank. With ``async_`` (default: config.async_save) the
+        call returns once tensors are snapshotted to CPU; writing and uploading run in background.
+        Returns the checkpoint's local URI on the master.
         """
         if not force and not self.should_save(epoch):
             return None
@@ -197,26 +273,132 @@ class Checkpointer:
             tree = {"user": trainer_state, "epoch": epoch, "rng": rng}
         if not self.rank.is_master:
             return None
+        if self._closed:
+            raise CheckpointError("Checkpointer is closed")
         if not self._registered:  # master-only path: no collective here
             error = self._check_manifest()
             if error:
                 raise ArchitectureError(error)
             self._registered = True
-        uri = self.manager.save_agent(
-            policy,
-            epoch,
-            training_metrics,
-            policy_architecture=self._architecture,
-            trainer_state=flatten(tree) if tree is not None else None,
+        self._wait_for_save()  # at most one save in flight
+        weights = state_dict_of(policy)
+        trainer = flatten(tree) if tree is not None else None
+        uri = self.manager.storage.url(f"{self.manager.base_name(epoch)}.{self.config.checkpoint_format}")
+        if not (self.config.async_save if async_ is None else async_):
+            self._write(weights, epoch, training_metrics, trainer)
+            return uri
+        weights = self._snapshot(weights, "w.")
+        if trainer is not None:
+            trainer = (self._snapshot(trainer[0], "t."), trainer[1])
+        metrics = json.loads(json.dumps(training_metrics)) if training_metrics is not None else None
+        self._save_thread = threading.Thread(
+            target=self._write_in_background, args=(weights, epoch, metrics, trainer), name="ckptio-save", daemon=True
         )
-        log.info("saved %s", uri)
+        self._save_thread.start()
         return uri
 
+    def _snapshot(self, tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        """CPU copies the training thread may not touch, in buffers reused from save to save."""
+        out: dict[str, torch.Tensor] = {}
+        by_id: dict[int, torch.Tensor] = {}
+        pin = torch.cuda.is_available()
+        cuda = False
+        for name, t in tensors.items():
+            if id(t) in by_id:  # tied weights stay tied
+                out[name] = by_id[id(t)]
+                continue
+            key = prefix + name
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin and t.is_cuda)
+                self._buffers[key] = buf
+            buf.copy_(t.detach(), non_blocking=t.is_cuda)
+            cuda |= t.is_cuda
+            out[name] = by_id[id(t)] = buf
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    def _write_in_background(self, *args: Any) -> None:
+        try:
+            self._write(*args)
+        except BaseException as e:
+            log.error("background save failed: %r", e)
+            self._save_error = e
+
+    def _wait_for_save(self) -> None:
+        if self._save_thread is not None:
+            self._save_thread.join()
+            self._save_thread = None
+        if self._save_error is not None:
+            error, self._save_error = self._save_error, None
+            raise CheckpointError(f"a background save failed: {error!r}") from error
+
+    def _protected(self) -> set[str]:
+        keep = set(self.uploader.in_flight()) if self.uploader is not None else set()
+        if self.resumed_from is not None and not self._uploaded_since_resume and self.remote is not None:
+            keep.add(self.resumed_from.name)
+        return keep
+
+    def _write(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        epoch: int,
+        metrics: Mapping[str, Any] | None,
+        trainer: tuple[Mapping[str, torch.Tensor], Mapping[str, str]] | None,
+    ) -> None:
+        uri = self.manager.save_agent(
+            weights, epoch, metrics, policy_architecture=self._architecture, trainer_state=trainer, prune=False
+        )
+        log.info("saved %s", uri)
+        if self.remote is not None:
+            base = self.manager.base_name(epoch)
+            names = [base + s for s in (METRICS_SUFFIX, TRAINER_SUFFIX) if self.manager.storage.exists(base + s)]
+            names.append(posixpath.basename(uri))  # weights last: on the remote, the commit point
+            if self.uploader is None:
+                self.uploader = Uploader(
+                    workers=self.config.upload_workers,
+                    max_pending=self.config.upload_max_pending,
+                    coalesce=self.config.upload_coalesce,
+                    retries=self.config.upload_retries,
+                    backoff_s=self.config.upload_backoff_s,
+                    file_timeout_s=self.config.upload_file_timeout_s,
+                    on_uploaded=self._after_upload,
+                )
+            self.uploader.submit(UploadJob(self.manager.storage, self.remote.storage, names, label=base))
+        with self._prune_lock:
+            self.manager.prune(protect=self._protected())
+
+    def _after_upload(self, job: UploadJob) -> None:
+        """A newer checkpoint is durable remotely: retention may now act on both copies."""
+        assert self.remote is not None
+        with self._prune_lock:
+            self._uploaded_since_resume = True
+            self.remote.prune(protect=self._protected())
+            self.manager.prune(protect=self._protected())
+
     def close(self) -> None:
-        """Wait for background work (none in synchronous mode)."""
+        """Finish the background save and uploads (uploads within config.close_timeout_s); raise if any failed."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._wait_for_save()
+        finally:
+            if self.uploader is not None:
+                self.uploader.close(self.config.close_timeout_s)
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_at_exit(ref: weakref.ReferenceType[Checkpointer]) -> None:
+    ckpt = ref()
+    if ckpt is not None and not ckpt._closed:
+        try:
+            ckpt.close()
+        except CheckpointError as e:
+            log.error("at exit: %s", e)

@@ -16,6 +16,7 @@ import torch
 
 from .architecture import architecture_to_json
 from .artifact import MockArchitecture, PolicyArtifact
+from .cache import NodeCache
 from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError
 from .policy_io import (
     LEGACY_ARCH_SUFFIX,
@@ -162,17 +163,24 @@ def load_from_uri(
     uri: str,
     policy_architecture: Any = None,
     *,
-    mmap: bool = True,
+    mmap: bool | None = None,
     trusted: bool = False,
     verify: bool = False,
     allow: Iterable[str] = (),
     storage_options: Mapping[str, Any] | None = None,
+    cache: NodeCache | None = None,
 ) -> PolicyArtifact:
-    """Load a PolicyArtifact from a file, a directory (its latest checkpoint), a remote URI or ``mock://``."""
+    """Load a PolicyArtifact from a file, a directory (its latest checkpoint), a remote URI or ``mock://``.
+
+    ``mmap``: None maps local files and reads network filesystems eagerly; True/False force it.
+    Remote files are downloaded once into the node-local ``cache`` and mapped from there.
+    """
     if uri.startswith("mock://"):
         return PolicyArtifact(policy_architecture=MockArchitecture(), state_dict={}, source=uri)
     storage, name = resolve(uri, storage_options)
-    kwargs = dict(policy_architecture=policy_architecture, mmap=mmap, trusted=trusted, verify=verify, allow=allow)
+    kwargs = dict(
+        policy_architecture=policy_architecture, mmap=mmap, trusted=trusted, verify=verify, allow=allow, cache=cache
+    )
     if name is not None:
         return load_checkpoint(storage, name, **kwargs)
     # "Latest" can be pruned between listing and opening it by a writer saving concurrently:
@@ -294,11 +302,14 @@ class CheckpointManager:
         kwargs.setdefault("storage_options", self.storage_options)
         return load_from_uri(uri or self.checkpoint_dir, policy_architecture, **kwargs)
 
-    def read_trainer_state(self, info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    def read_trainer_state(
+        self, info: CheckpointInfo, cache: NodeCache | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         name = info.base + TRAINER_SUFFIX
         if not info.storage.exists(name):
             return None
-        tensors, meta = read_weights(info.storage, name, mmap=False)
+        local = None if info.storage.is_local else (cache or NodeCache()).fetch(info.storage, name)
+        tensors, meta = read_weights(info.storage, name, mmap=False, local_path=local)
         assert isinstance(tensors, dict)
         return tensors, meta
 
@@ -340,7 +351,7 @@ def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = Non
     if name is None:
         info = latest(storage.url(), storage_options)
         storage, name = info.storage, info.name
-    obj, metadata = read_weights(storage, name, mmap=True)
+    obj, metadata = read_weights(storage, name, mmap=None)
     tensors = state_dict_of(obj)
     arch_raw = metadata.get("ckptio.architecture")
     if arch_raw is None and storage.exists(MANIFEST_NAME):

@@ -18,9 +18,10 @@ import torch
 
 from .architecture import architecture_from_json, architecture_to_json
 from .artifact import PolicyArtifact
+from .cache import NodeCache
 from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, CorruptCheckpointError
 from .formats import load_pt, read_safetensors, save_pt, verify_safetensors, write_safetensors
-from .storage import Storage
+from .storage import Storage, is_network_filesystem
 
 __all__ = [
     "MANIFEST_NAME",
@@ -221,21 +222,27 @@ def read_weights(
     storage: Storage,
     name: str,
     *,
-    mmap: bool = True,
+    mmap: bool | None = None,
     trusted: bool = False,
     verify: bool = False,
     local_path: str | None = None,
 ) -> tuple[dict[str, torch.Tensor] | torch.nn.Module, dict[str, str]]:
-    """Tensors (or a trusted pickled module) and header metadata of one weights file."""
+    """Tensors (or a trusted pickled module) and header metadata of one weights file.
+
+    ``mmap=None`` maps local-disk files and reads network-filesystem files eagerly.
+    """
     source = storage.url(name)
+    path = local_path or storage.local_path(name)
+    if mmap is None:
+        mmap = path is not None and not is_network_filesystem(path)
     f = open(local_path, "rb") if local_path else open_weights(storage, name)
     with f:
         if name.endswith(".safetensors"):
             if verify:
                 verify_safetensors(f, source)
-            return read_safetensors(f, source, mmap_file=mmap and (local_path is not None or storage.is_local))
+            return read_safetensors(f, source, mmap_file=mmap and path is not None)
         if name.endswith(".pt"):
-            return load_pt(f, source, trusted=trusted, mmap_file=mmap)
+            return load_pt(f, source, trusted=trusted, mmap_file=mmap and path is not None)
     raise CheckpointFormatError(f"{source}: unknown checkpoint extension (expected .safetensors or .pt)")
 
 
@@ -244,14 +251,20 @@ def load_checkpoint(
     name: str,
     *,
     policy_architecture: Any = None,
-    mmap: bool = True,
+    mmap: bool | None = None,
     trusted: bool = False,
     verify: bool = False,
     allow: Iterable[str] = (),
     local_path: str | None = None,
+    cache: NodeCache | None = None,
 ) -> PolicyArtifact:
-    """Load weights file ``name`` in ``storage`` with its sidecars as a PolicyArtifact."""
+    """Load weights file ``name`` in ``storage`` with its sidecars as a PolicyArtifact.
+
+    Remote weights go through the node-local ``cache`` (one download, then a local mmap).
+    """
     source = storage.url(name)
+    if local_path is None and not storage.is_local:
+        local_path = (cache or NodeCache()).fetch(storage, name)
     obj, metadata = read_weights(storage, name, mmap=mmap, trusted=trusted, verify=verify, local_path=local_path)
     if isinstance(obj, torch.nn.Module):
         return PolicyArtifact(policy=obj, source=source)
@@ -273,7 +286,7 @@ def load_policy_artifact(
     base_path: str,
     policy_architecture: Any = None,
     *,
-    mmap: bool = True,
+    mmap: bool | None = None,
     trusted: bool = False,
     verify: bool = False,
     allow: Iterable[str] = (),

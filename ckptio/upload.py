@@ -1,0 +1,206 @@
+"""Background uploads of finished local checkpoints to object storage.
+
+A small pool of threads uploads while training continues. The queue of checkpoints waiting to
+start is bounded: when uploads fall behind, the oldest waiting checkpoint is dropped in favour
+of the newest (coalescing), or, with coalescing off, ``submit`` blocks (backpressure). Each file
+transfer has its own time bound, failures are retried with exponential backoff, and a
+checkpoint's weights file is uploaded last: on the remote, it is the commit point.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fsspec.callbacks import Callback
+
+from .errors import UploadError
+from .storage import Storage
+
+__all__ = ["UploadJob", "Uploader"]
+
+log = logging.getLogger("ckptio")
+
+_BAR_MIN_BYTES = 64 << 20
+
+
+class _ProgressBar(Callback):
+    """A one-line progress bar on an interactive stderr, for large transfers."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def call(self, *args, **kwargs) -> None:
+        if self.size:
+            frac = min(self.value / self.size, 1.0)
+            sys.stderr.write(f"\r{self.label} [{'#' * int(frac * 30):<30}] {frac:4.0%}")
+            if frac >= 1.0:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+@dataclass
+class UploadJob:
+    """One checkpoint: files in ``source`` to copy to ``dest``, the weights file last."""
+
+    source: Storage
+    dest: Storage
+    names: list[str]
+    label: str
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    superseded: bool = False
+
+
+class Uploader:
+    def __init__(
+        self,
+        *,
+        workers: int = 2,
+        max_pending: int = 2,
+        coalesce: bool = True,
+        retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        file_timeout_s: float | None = 600.0,
+        on_uploaded: Callable[[UploadJob], None] | None = None,
+    ):
+        if workers < 1 or max_pending < 1:
+            raise ValueError("workers and max_pending must be >= 1")
+        self.max_pending, self.coalesce = max_pending, coalesce
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        self.file_timeout_s = file_timeout_s
+        self.on_uploaded = on_uploaded
+        self._pending: collections.deque[UploadJob] = collections.deque()
+        self._active: list[UploadJob] = []
+        self._failed: list[UploadJob] = []
+        self._cv = threading.Condition()
+        self._closing = False
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"ckptio-upload-{i}", daemon=True) for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def in_flight(self) -> set[str]:
+        """Names of files still waiting for or under upload (retention must not delete them locally)."""
+        with self._cv:
+            return {n for job in (*self._pending, *self._active) for n in job.names}
+
+    def submit(self, job: UploadJob) -> UploadJob:
+        with self._cv:
+            if self._closing:
+                raise UploadError("uploader is closed")
+            while len(self._pending) >= self.max_pending:
+                if self.coalesce:
+                    dropped = self._pending.popleft()
+                    dropped.superseded = True
+                    dropped.done.set()
+                    log.warning("uploads behind: skipping %s in favour of %s", dropped.label, job.label)
+                else:
+                    self._cv.wait()
+            self._pending.append(job)
+            self._cv.notify_all()
+        return job
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closing:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                job = self._pending.popleft()
+                self._active.append(job)
+                self._cv.notify_all()
+            try:
+                self._upload(job)
+            except BaseException as e:  # recorded and re-raised by close()
+                job.error = e
+                log.error("upload of %s failed for good: %r", job.label, e)
+            with self._cv:
+                self._active.remove(job)
+                if job.error is not None:
+                    self._failed.append(job)
+                self._cv.notify_all()
+            if job.error is None and self.on_uploaded is not None:
+                try:
+                    self.on_uploaded(job)
+                except Exception as e:
+                    log.error("after uploading %s: %r", job.label, e)
+            job.done.set()
+
+    def _upload(self, job: UploadJob) -> None:
+        start = time.monotonic()
+        total = 0
+        for name in job.names:
+            local = job.source.local_path(name)
+            assert local is not None, "uploads start from local files"
+            size = os.path.getsize(local)
+            for attempt in range(self.retries + 1):
+                if self._stop.is_set():
+                    raise UploadError(f"{job.dest.url(name)}: abandoned at close")
+                try:
+                    bar = _ProgressBar(name) if size >= _BAR_MIN_BYTES and sys.stderr.isatty() else None
+                    job.dest.put_file(local, name, timeout=self.file_timeout_s, callback=bar)
+                    break
+                except Exception as e:
+                    if attempt == self.retries:
+                        raise UploadError(
+                            f"{job.dest.url(name)}: upload failed after {attempt + 1} attempts: {e!r}"
+                        ) from e
+                    delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)
+                    log.warning("upload of %s failed (%r); retry %d in %.1fs", name, e, attempt + 1, delay)
+                    if self._stop.wait(delay):
+                        raise UploadError(f"{job.dest.url(name)}: abandoned at close after {e!r}") from e
+            total += size
+        dt = time.monotonic() - start
+        log.info("uploaded %s: %d bytes in %.1fs (%.1f MB/s)", job.label, total, dt, total / max(dt, 1e-9) / 1e6)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until nothing is pending or active; False if the timeout passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._pending or self._active:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish pending uploads (within ``timeout``), stop the threads, raise if any upload failed."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        finished = self.wait(timeout)
+        if not finished:
+            self._stop.set()  # retries give up at once; a transfer stuck in I/O is left to its own bound
+            with self._cv:
+                stuck = [j.label for j in (*self._pending, *self._active)]
+                for job in self._pending:
+                    job.error = UploadError(f"{job.label}: never started before close")
+                    self._failed.append(job)
+                    job.done.set()
+                self._pending.clear()
+            self._failed_message(extra=f"still uploading after {timeout}s: {stuck}")
+        for t in self._threads:
+            t.join(timeout=0 if not finished else None)
+        self._failed_message()
+
+    def _failed_message(self, extra: str = "") -> None:
+        with self._cv:
+            failed = list(self._failed)
+        if failed or extra:
+            details = "; ".join(f"{j.label}: {j.error}" for j in failed)
+            raise UploadError(
+                f"checkpoint uploads did not complete ({extra}{'; ' if extra and details else ''}{details})"
+            )
