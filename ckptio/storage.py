@@ -203,6 +203,10 @@ class Storage:
         if parent and not self.fs.exists(parent):
             self.fs.makedirs(parent, exist_ok=True)
         if exclusive:
+            # The conditional create decides races on stores that enforce it (S3 If-None-Match,
+            # GCS ifGenerationMatch=0); the check before it also covers stores that ignore it.
+            if self.fs.exists(path):
+                raise FileExistsError(errno.EEXIST, "write-once file exists", path)
             try:
                 with self.fs.open(path, "xb") as f:
                     writer(f)

@@ -9,6 +9,7 @@ epoch, step counter and every rank's RNG state, so it continues the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -35,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-interval", type=int, default=1, help="save every N epochs")
     p.add_argument("--keep-last", type=int, default=3)
     p.add_argument("--format", choices=["safetensors", "pt"], default="safetensors")
+    p.add_argument("--remote-uri", help="also upload checkpoints here (s3://, gs://...) in background")
+    p.add_argument("--storage-options", help="JSON for fsspec (endpoint, credentials) for --remote-uri/--run-dir")
+    p.add_argument("--cache-dir", help="node-local cache for checkpoints resumed from object storage")
+    p.add_argument("--async-save", action="store_true", help="snapshot on the training thread, write in background")
     p.add_argument("--teacher-uri", help="kickstart from a teacher policy at any URI (mock:// too)")
     p.add_argument("--kickstart-coef", type=float, default=0.5)
     p.add_argument("--stop-after-epoch", type=int, help="exit after this epoch, as a preempted job would")
@@ -58,11 +63,19 @@ def main(argv: list[str] | None = None) -> int:
             print(*msg, flush=True)
 
     task = BanditTask()
+    opts = json.loads(args.storage_options) if args.storage_options else {}
     ckpt = ckptio.Checkpointer(
         args.run_dir,
         PolicyConfig(hidden=args.hidden),
         ckptio.CheckpointConfig(
-            checkpoint_format=args.format, epoch_interval=args.checkpoint_interval, keep_last=args.keep_last
+            checkpoint_format=args.format,
+            epoch_interval=args.checkpoint_interval,
+            keep_last=args.keep_last,
+            storage_options=opts if "://" in args.run_dir else {},
+            remote_uri=args.remote_uri,
+            remote_storage_options=opts,
+            cache_dir=args.cache_dir,
+            async_save=args.async_save,
         ),
         allow=["launch"],
     )
@@ -82,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher = None
     if args.teacher_uri:
-        teacher = ckptio.load_from_uri(args.teacher_uri, allow=["launch"]).instantiate(task.metadata, device=device)
+        teacher = ckptio.load_from_uri(args.teacher_uri, allow=["launch"], storage_options=opts).instantiate(
+            task.metadata, device=device
+        )
         teacher.eval()
         say(f"kickstarting from teacher {args.teacher_uri} ({type(teacher).__name__})")
 

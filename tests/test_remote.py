@@ -1,0 +1,283 @@
+"""Object storage for real: moto's S3 server and the GCS emulator on 127.0.0.1, through s3fs/gcsfs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+
+import pytest
+import torch
+from remote_fixtures import EventOnLog, gcs, s3  # noqa: F401  (fixtures)
+
+import ckptio
+from ckptio.cache import NodeCache
+from ckptio.storage import Storage
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["s3", "gcs", "memory"])
+def remote(request):
+    """(run URI, storage options) on each backend."""
+    if request.param == "memory":
+        return f"memory://m{uuid.uuid4().hex[:8]}/run", {}
+    server = request.getfixturevalue(request.param)
+    return f"{request.param}://{server.make_bucket()}/run", server.options()
+
+
+def test_save_list_latest_load_retention(remote, tmp_path, policy, env_meta):
+    from archs import MLPArch
+
+    uri, opts = remote
+    mgr = ckptio.CheckpointManager(uri, keep_last=2, storage_options=opts)
+    for epoch in (1, 2, 3):
+        mgr.save_agent(policy, epoch, {"score": float(epoch)}, policy_architecture=MLPArch())
+    assert [i.epoch for i in ckptio.list_checkpoints(uri, opts)] == [2, 3]
+    assert ckptio.latest(uri, opts).epoch == 3
+    cache = NodeCache(str(tmp_path / "cache"))
+    art = ckptio.load_from_uri(uri, storage_options=opts, cache=cache, verify=True)
+    assert art.epoch == 3 and art.training_metrics == {"score": 3.0}
+    assert torch.equal(art.instantiate(env_meta).head.weight, policy.head.weight)
+    assert cache.fills == 1
+    ckptio.load_from_uri(uri, storage_options=opts, cache=cache)
+    assert cache.fills == 1  # served from the node cache
+    leftover = Storage(uri + "/checkpoints", opts).listdir()
+    assert not any(".e00000001." in n for n in leftover)  # sidecars pruned with their weights
+
+
+def test_manifest_is_write_once(remote, env_meta):
+    from archs import MLPArch
+
+    uri, opts = remote
+    cfg = ckptio.CheckpointConfig(storage_options=opts)
+    ckptio.Checkpointer(uri, MLPArch(), cfg).register()
+    storage = Storage(uri + "/checkpoints", opts)
+    before = storage.read_bytes("model_architecture.json")
+    with pytest.raises(ckptio.ArchitectureError, match="different model"):
+        ckptio.Checkpointer(uri, MLPArch(hidden=3), cfg).load_or_create_policy(env_meta)
+    assert storage.read_bytes("model_architecture.json") == before
+
+
+def test_s3_conditional_create_is_enforced_by_the_server(s3):
+    storage = Storage(f"s3://{s3.make_bucket()}/x", s3.options())
+    storage.write_bytes("once.json", b"first", exclusive=True)
+    storage.fs.exists = lambda path: False  # skip ckptio's pre-check: the conditional PUT alone must refuse
+    with pytest.raises(FileExistsError):
+        storage.write_bytes("once.json", b"second", exclusive=True)
+    assert storage.read_bytes("once.json") == b"first"
+    assert any("PUT" in r and "once.json" in r for r in s3.requests())
+
+
+def test_gcs_manifest_create_sends_if_generation_match_zero(gcs, monkeypatch):
+    import gcsfs
+
+    sent = []
+    real_call = gcsfs.GCSFileSystem._call
+
+    async def recording_call(self, method, path, *args, **kwargs):
+        sent.append((method, path, kwargs))
+        return await real_call(self, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(gcsfs.GCSFileSystem, "_call", recording_call)
+    storage = Storage(f"gs://{gcs.make_bucket()}/x", gcs.options())
+    storage.write_bytes("model_architecture.json", b"{}", exclusive=True)
+    uploads = [k for m, _, k in sent if m == "POST" and k.get("uploadType") in ("media", "multipart", "resumable")]
+    assert uploads and all(k.get("ifGenerationMatch") == "0" for k in uploads), sent
+
+
+def test_latest_reads_every_page_of_a_long_listing(s3):
+    import s3fs
+
+    bucket = s3.make_bucket()
+    fs = s3fs.S3FileSystem(**s3.options())
+    n = 1010  # moto pages at 1000 keys
+    fs.pipe({f"{bucket}/run/checkpoints/run.e{i:08d}.safetensors": b"x" for i in range(n)})
+    assert ckptio.latest(f"s3://{bucket}/run", s3.options()).epoch == n - 1
+    assert len(ckptio.list_checkpoints(f"s3://{bucket}/run", s3.options())) == n
+    assert any("continuation-token" in r for r in s3.requests())
+
+
+def test_partial_uploads_are_never_latest(s3, policy):
+    import s3fs
+
+    bucket = s3.make_bucket()
+    uri = f"s3://{bucket}/run"
+    ckptio.CheckpointManager(uri, storage_options=s3.options()).save_agent(policy, 1)
+    fs = s3fs.S3FileSystem(**s3.options())
+    base = f"{bucket}/run/checkpoints/run.e00000002"
+    fs.pipe(base + ".metrics.json", b"{}")  # sidecar uploaded, weights never were
+    f = fs.open(base + ".safetensors", "wb", block_size=5 << 20)
+    f.write(os.urandom(6 << 20))  # one part of a multipart upload goes up, then the writer dies
+    f.flush()
+    assert any("uploads" in r for r in s3.requests())
+    f.close = lambda: None  # the writer dies: the multipart upload is never completed
+    del f
+    assert ckptio.latest(uri, s3.options()).epoch == 1
+
+
+# ---- background uploads ---------------------------------------------------------------------
+
+
+def _ckpt(tmp_path, remote_uri, opts, **cfg):
+    from archs import MLPArch
+
+    config = ckptio.CheckpointConfig(
+        remote_uri=remote_uri, remote_storage_options=opts, cache_dir=str(tmp_path / "cache"), **cfg
+    )
+    return ckptio.Checkpointer(str(tmp_path / f"local{uuid.uuid4().hex[:6]}"), MLPArch(), config)
+
+
+def test_uploads_in_background_with_retention_both_sides(s3, tmp_path, policy, env_meta):
+    remote = f"s3://{s3.make_bucket()}/run"
+    with _ckpt(tmp_path, remote, s3.options(), keep_last=2) as ck:
+        ck.load_or_create_policy(env_meta)
+        for epoch in range(1, 5):
+            ck.save(policy, epoch, {"epoch": epoch})
+    assert [i.epoch for i in ckptio.list_checkpoints(remote, s3.options())] == [3, 4]
+    assert [i.epoch for i in ck.manager.list_checkpoints()] == [3, 4]
+    # a job on a "new node": empty local dir, resumes from the bucket
+    fresh = _ckpt(tmp_path, remote, s3.options())
+    model = fresh.load_or_create_policy(env_meta)
+    assert fresh.resumed_from.epoch == 4 and fresh.resumed_from.uri.startswith("s3://")
+    assert torch.equal(model.head.weight, policy.head.weight)
+    fresh.close()
+
+
+def test_async_save_equals_sync_and_ignores_later_mutation(tmp_path, policy, env_meta):
+    from archs import MLPArch
+
+    sync = ckptio.Checkpointer(str(tmp_path / "a" / "run"), MLPArch())
+    asyn = ckptio.Checkpointer(str(tmp_path / "b" / "run"), MLPArch(), ckptio.CheckpointConfig(async_save=True))
+    opt = torch.optim.Adam(policy.parameters())
+    policy(torch.randn(2, 6)).sum().backward()
+    opt.step()
+    state = {"optimizer": opt.state_dict()}
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    torch.manual_seed(1)
+    a = sync.save(policy, 1, {"m": 1}, state)
+    torch.manual_seed(1)
+    b = asyn.save(policy, 1, {"m": 1}, state)
+    with torch.no_grad():  # the training thread moves on at once
+        for p in policy.parameters():
+            p.add_(1.0)
+        for s in opt.state.values():
+            s["exp_avg"].add_(1.0)
+    asyn.close()
+    sync.close()
+    assert open(a, "rb").read() == open(b, "rb").read()
+    assert (
+        open(a.replace(".safetensors", ".trainer.safetensors"), "rb").read()
+        == open(b.replace(".safetensors", ".trainer.safetensors"), "rb").read()
+    )
+    for k, v in ckptio.load_from_uri(b).state_dict.items():
+        assert torch.equal(v, before[k])
+
+
+def test_frozen_server_times_out_retries_and_close_stays_bounded(s3, tmp_path, policy, env_meta):
+    remote = f"s3://{s3.make_bucket()}/run"
+    ck = _ckpt(tmp_path, remote, s3.options(), upload_file_timeout_s=1.0, upload_retries=2, upload_backoff_s=0.1,
+               close_timeout_s=8.0)  # fmt: skip
+    ck.load_or_create_policy(env_meta)
+    retried = EventOnLog("retry")
+    logging.getLogger("ckptio").addHandler(retried)
+    s3.freeze()
+    try:
+        local = ck.save(policy, 1)
+        assert retried.event.wait(timeout=30)  # the first attempt timed out instead of hanging
+        start = time.monotonic()
+        with pytest.raises(ckptio.UploadError):
+            ck.close()
+        assert time.monotonic() - start < 30  # bounded by the configuration, not by the server
+    finally:
+        s3.thaw()
+        logging.getLogger("ckptio").removeHandler(retried)
+    assert ckptio.load_from_uri(local, verify=True).epoch == 1  # the local checkpoint is intact
+
+
+def test_upload_completes_after_a_freeze_ends(s3, tmp_path, policy, env_meta):
+    remote = f"s3://{s3.make_bucket()}/run"
+    ck = _ckpt(tmp_path, remote, s3.options(), upload_file_timeout_s=1.0, upload_retries=20, upload_backoff_s=0.1)
+    ck.load_or_create_policy(env_meta)
+    retried = EventOnLog("retry")
+    logging.getLogger("ckptio").addHandler(retried)
+    s3.freeze()
+    try:
+        ck.save(policy, 1)
+        assert retried.event.wait(timeout=30)
+    finally:
+        s3.thaw()
+        logging.getLogger("ckptio").removeHandler(retried)
+    ck.close()
+    assert ckptio.latest(remote, s3.options()).epoch == 1
+
+
+def test_server_stopped_during_upload_then_back(s3, tmp_path, policy, env_meta):
+    bucket = s3.make_bucket()
+    remote = f"s3://{bucket}/run"
+    ck = _ckpt(tmp_path, remote, s3.options(), upload_file_timeout_s=2.0, upload_retries=20, upload_backoff_s=0.1)
+    ck.load_or_create_policy(env_meta)
+    retried = EventOnLog("retry")
+    logging.getLogger("ckptio").addHandler(retried)
+    try:
+        s3.stop()
+        ck.save(policy, 1)
+        assert retried.event.wait(timeout=30)
+        s3.start()  # same port; moto's state is gone, so the bucket is made again
+        import s3fs
+
+        s3fs.S3FileSystem(**s3.options()).mkdir(bucket)
+        ck.close()
+    finally:
+        logging.getLogger("ckptio").removeHandler(retried)
+    assert ckptio.latest(remote, s3.options()).epoch == 1
+
+
+def test_server_that_never_returns_fails_close_and_keeps_local(s3, tmp_path, policy, env_meta):
+    remote = f"s3://{s3.make_bucket()}/run"
+    ck = _ckpt(tmp_path, remote, s3.options(), upload_file_timeout_s=1.0, upload_retries=2, upload_backoff_s=0.05)
+    ck.load_or_create_policy(env_meta)
+    s3.stop()
+    local = ck.save(policy, 1)
+    with pytest.raises(ckptio.UploadError, match="upload failed after 3 attempts"):
+        ck.close()
+    assert ckptio.load_from_uri(local, verify=True).epoch == 1
+
+
+def test_coalescing_keeps_the_newest_when_uploads_fall_behind(s3, tmp_path, policy, env_meta):
+    remote = f"s3://{s3.make_bucket()}/run"
+    ck = _ckpt(tmp_path, remote, s3.options(), upload_workers=1, upload_max_pending=1, upload_file_timeout_s=1.0,
+               upload_retries=30, upload_backoff_s=0.1)  # fmt: skip
+    ck.load_or_create_policy(env_meta)
+    s3.freeze()  # nothing can finish: saves pile up behind the first
+    try:
+        for epoch in range(1, 6):
+            ck.save(policy, epoch)
+        assert len(ck.uploader.in_flight()) <= 2 * 3  # one active + one pending checkpoint (3 files each at most)
+    finally:
+        s3.thaw()
+    ck.close()
+    uploaded = [i.epoch for i in ckptio.list_checkpoints(remote, s3.options())]
+    assert uploaded[-1] == 5 and 2 not in uploaded and 3 not in uploaded
+
+
+def test_two_rank_resume_from_s3_downloads_once_per_node(s3, tmp_path):
+    from conftest import run_torchrun
+
+    remote = f"s3://{s3.make_bucket()}/run"
+    opts = json.dumps(s3.options())
+    small = ["--steps-per-epoch", "4", "--batch-size", "16", "--hidden", "16"]
+    run_torchrun("launch.train", "--run-dir", str(tmp_path / "node1"), "--epochs", "2", "--remote-uri", remote,
+                 "--storage-options", opts, *small)  # fmt: skip
+    before = len(s3.requests())
+    out = run_torchrun("launch.train", "--run-dir", str(tmp_path / "node2"), "--epochs", "3", "--remote-uri", remote,
+                       "--storage-options", opts, "--cache-dir", str(tmp_path / "cache2"), *small)  # fmt: skip
+    assert "resumed from s3://" in out.stdout and "e00000002" in out.stdout
+    gets = [
+        r for r in s3.requests()[before:] if r.startswith("GET ") and r.split("?")[0].endswith(".e00000002.safetensors")
+    ]
+    assert len(gets) == 1, gets
+    trainer_gets = [r for r in s3.requests()[before:] if r.startswith("GET ") and ".e00000002.trainer." in r]
+    assert len(trainer_gets) == 1, trainer_gets
