@@ -73,3 +73,6 @@ def forkserver():
     os.environ["PYTHONPATH"] = subprocess_env()["PYTHONPATH"]
     ctx.set_forkserver_preload(["torch", "ckptio", "crash_jobs"])
     return ctx
+
+
+from remote_fixtures import gcs, s3  # noqa: E402, F401  (object-storage server fixtures)

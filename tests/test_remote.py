@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 import torch
-from remote_fixtures import EventOnLog, gcs, s3  # noqa: F401  (fixtures)
+from remote_fixtures import EventOnLog
 
 import ckptio
 from ckptio.cache import NodeCache
