@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +101,33 @@ def _retie(module: torch.nn.Module, groups: list[list[str]]) -> None:
             setattr(module.get_submodule(owner), attr, first)
 
 
+_init_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Make ``torch.nn.init``'s in-place initialisers no-ops while a module is built on meta.
+
+    On the meta device they compute nothing, yet cost most of the construction time of a large
+    module. They are process-global functions, so a module built on another thread meanwhile
+    would also skip them: instantiate is meant for load time, not concurrent construction.
+    """
+    names = [n for n in vars(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+
+    def keep(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        return tensor
+
+    with _init_lock:
+        for n in names:
+            setattr(torch.nn.init, n, keep)
+        try:
+            yield
+        finally:
+            for n, fn in saved.items():
+                setattr(torch.nn.init, n, fn)
+
+
 def _has_meta(module: torch.nn.Module) -> bool:
     return any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers())
 
@@ -180,7 +209,7 @@ class PolicyArtifact:
         # Building on the meta device skips allocating and randomly initialising weights that the
         # checkpoint replaces; assign=True then adopts the (memory-mapped) tensors without a copy.
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), _skip_weight_init():
                 module = arch.make_policy(env_metadata)
         except Exception:
             module = None

@@ -326,6 +326,10 @@ class Checkpointer:
             log.error("background save failed: %r", e)
             self._save_error = e
 
+    def wait(self) -> None:
+        """Block until the background save (if any) is written; raise if it failed."""
+        self._wait_for_save()
+
     def _wait_for_save(self) -> None:
         if self._save_thread is not None:
             self._save_thread.join()

@@ -195,11 +195,11 @@ class SafetensorsHeader:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise CorruptCheckpointError(f"duplicate tensor name {k!r}")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise CorruptCheckpointError(f"duplicate tensor name {dup!r}")
     return out
 
 
@@ -224,7 +224,8 @@ def read_header(f: IO[bytes], file_size: int, source: str) -> SafetensorsHeader:
     if len(hbytes) != n:
         raise bad("file ended inside the header")
     try:
-        header = json.loads(hbytes.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        text = hbytes.decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
     except CorruptCheckpointError as e:
         raise bad(str(e)) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -236,11 +237,13 @@ def read_header(f: IO[bytes], file_size: int, source: str) -> SafetensorsHeader:
         raise bad("__metadata__ must map strings to strings")
     data_size = file_size - 8 - n
     entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+    escaped = "\\u" in text  # only \u escapes can smuggle lone surrogates past the UTF-8 decode
     for key, e in header.items():
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError:
-            raise bad(f"tensor name {key!r} is not valid UTF-8") from None
+        if escaped:
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad(f"tensor name {key!r} is not valid UTF-8") from None
         if not isinstance(e, dict):
             raise bad(f"entry for {key!r} is not an object")
         dtype = _DTYPES.get(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
@@ -259,7 +262,7 @@ def read_header(f: IO[bytes], file_size: int, source: str) -> SafetensorsHeader:
         numel = 1
         for d in shape:
             numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if offs[1] - offs[0] != nbytes:
             raise bad(
                 f"tensor {key!r}: shape {shape} of {e['dtype']} needs {nbytes} bytes, offsets give {offs[1] - offs[0]}"
@@ -282,15 +285,37 @@ def read_header(f: IO[bytes], file_size: int, source: str) -> SafetensorsHeader:
     return SafetensorsHeader(entries=entries, metadata=metadata, data_start=8 + n, file_size=file_size)
 
 
-def _tensor_from(buf: Any, base: int, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
-    if end == begin:
-        return torch.empty(shape, dtype=dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    offset = base + begin
-    if offset % itemsize:  # files from other writers may misalign: copy rather than hand out a bad pointer
-        raw = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=offset).clone()
-        return raw.view(dtype).view(shape)
-    return torch.frombuffer(buf, dtype=dtype, count=(end - begin) // itemsize, offset=offset).view(shape)
+class _Views:
+    """Tensors over one buffer: one typed base per dtype, each tensor a single as_strided view of it."""
+
+    def __init__(self, buf: Any, base: int, size: int):
+        self.buf, self.base, self.size = buf, base, size
+        self.typed: dict[torch.dtype, torch.Tensor | None] = {}
+
+    def get(self, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        itemsize = dtype.itemsize
+        if (self.base + begin) % itemsize:  # files from other writers may misalign: copy, never a bad pointer
+            raw = torch.frombuffer(self.buf, dtype=torch.uint8, count=end - begin, offset=self.base + begin).clone()
+            return raw.view(dtype).view(shape)
+        if dtype not in self.typed:
+            aligned = self.base % itemsize == 0
+            self.typed[dtype] = (
+                torch.frombuffer(self.buf, dtype=dtype, count=self.size // itemsize, offset=self.base)
+                if aligned
+                else None
+            )
+        typed = self.typed[dtype]
+        if typed is None:
+            return torch.frombuffer(
+                self.buf, dtype=dtype, count=(end - begin) // itemsize, offset=self.base + begin
+            ).view(shape)
+        strides, acc = [], 1
+        for d in reversed(shape):
+            strides.append(acc)
+            acc *= d
+        return typed.as_strided(shape, strides[::-1], begin // itemsize)
 
 
 def _file_size(f: IO[bytes]) -> int:
@@ -328,7 +353,8 @@ def read_safetensors(
         if got != len(buf):
             raise CorruptCheckpointError(f"{source}: file shrank while reading ({got} of {len(buf)} data bytes)")
         base = 0
-    tensors = {key: _tensor_from(buf, base, *entry) for key, entry in hdr.entries.items()}
+    views = _Views(buf, base, size - hdr.data_start)
+    tensors = {key: views.get(*entry) for key, entry in hdr.entries.items()}
     aliases = hdr.metadata.get("ckptio.aliases")
     if aliases:
         try:

@@ -30,8 +30,17 @@ __all__ = ["Storage", "FileInfo", "TMP_MARK", "is_network_filesystem", "is_tempo
 _NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p", "afs")
 
 
+_network_by_device: dict[int, bool] = {}
+
+
 def is_network_filesystem(path: str, mounts_file: str = "/proc/mounts") -> bool:
     """Whether ``path`` lives on a network or FUSE filesystem (by its longest matching mount point)."""
+    try:
+        device = os.stat(path).st_dev
+    except OSError:
+        device = None
+    if device is not None and mounts_file == "/proc/mounts" and device in _network_by_device:
+        return _network_by_device[device]
     try:
         with open(mounts_file) as f:
             mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
@@ -43,7 +52,10 @@ def is_network_filesystem(path: str, mounts_file: str = "/proc/mounts") -> bool:
         mount = mount.replace("\\040", " ")
         if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
             best, fstype = mount, kind
-    return fstype in _NETWORK_FS or fstype.startswith("fuse")
+    network = fstype in _NETWORK_FS or fstype.startswith("fuse")
+    if device is not None and mounts_file == "/proc/mounts":
+        _network_by_device[device] = network  # a device's filesystem type does not change
+    return network
 
 
 TMP_MARK = ".ckptio-tmp."
@@ -96,15 +108,19 @@ class Storage:
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
 
     # -- addressing --------------------------------------------------------------------------
-    def path(self, name: str) -> str:
-        """Filesystem path of ``name``; refuses names that would leave this directory."""
+    def path(self, name: str, *, writing: bool = False) -> str:
+        """Filesystem path of ``name``; refuses names that would leave this directory.
+
+        Where it would write, a local path must also resolve inside the directory (no symlink
+        escapes); reads skip that check, which costs a syscall per path component.
+        """
         if not name or name.startswith("/") or "\\" in name:
             raise CheckpointSecurityError(f"{self.uri}: invalid file name {name!r}")
         parts = name.split("/")
         if any(p in ("", ".", "..") for p in parts):
             raise CheckpointSecurityError(f"{self.uri}: file name {name!r} would escape the directory")
         joined = posixpath.join(self.root, name)
-        if self.is_local:
+        if writing and self.is_local:
             real_root = os.path.realpath(self.root)
             real = os.path.realpath(joined)
             if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
@@ -122,10 +138,15 @@ class Storage:
 
     # -- reading -----------------------------------------------------------------------------
     def exists(self, name: str) -> bool:
+        if self.is_local:
+            return os.path.exists(self.path(name))
         return bool(self.fs.exists(self.path(name)))
 
     def read_bytes(self, name: str) -> bytes:
         try:
+            if self.is_local:
+                with open(self.path(name), "rb") as f:
+                    return f.read()
             return self.fs.cat_file(self.path(name))
         except FileNotFoundError as e:
             raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
@@ -164,7 +185,7 @@ class Storage:
     # -- writing -----------------------------------------------------------------------------
     def write(self, name: str, writer: Callable[[IO[bytes]], None], *, exclusive: bool = False) -> str:
         """Write ``name`` all-or-nothing via ``writer(file)``; exclusive raises FileExistsError if present."""
-        path = self.path(name)
+        path = self.path(name, writing=True)
         if self.is_local:
             self._write_local(path, writer, exclusive)
         else:
@@ -227,7 +248,7 @@ class Storage:
 
     def put_file(self, local_path: str, name: str, *, timeout: float | None = None, callback: Any = None) -> None:
         """Upload a local file as ``name`` (an object appears only once its upload completes)."""
-        path = self.path(name)
+        path = self.path(name, writing=True)
         kwargs = self._timeout_kwargs(timeout)
         if callback is not None:
             kwargs["callback"] = callback
@@ -246,7 +267,7 @@ class Storage:
 
     def delete(self, name: str, missing_ok: bool = True) -> None:
         try:
-            self.fs.rm_file(self.path(name))
+            self.fs.rm_file(self.path(name, writing=True))
         except FileNotFoundError:
             if not missing_ok:
                 raise

@@ -1,0 +1,239 @@
+"""Run the checkpoint benchmarks: ``python -m benchmarks [--sizes 64M,1G] [--repeats 3] [--out DIR]``.
+
+Every measurement runs in a fresh subprocess. Results: DIR/results.json (every raw measurement
+and environment facts), DIR/results.md (medians, spreads, ratios to torch.load, targets) and
+DIR/*.png (time and peak memory against checkpoint size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import ckptio
+from benchmarks.policy import BenchPolicy, state_dict_bytes
+from benchmarks.report import write_reports
+
+LOAD_METHODS = [
+    "torch_load",
+    "torch_load_weights_only",
+    "torch_load_mmap",
+    "safetensors_load_file",
+    "dcp_load",
+    "ckptio",
+]
+SAVE_METHODS = ["raw_write", "torch_save", "safetensors_save_file", "dcp_save", "ckptio"]
+UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    return int(float(text[:-1]) * UNITS[text[-1]]) if text[-1] in UNITS else int(text)
+
+
+def can_drop_caches() -> bool:
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+        return True
+    except OSError:
+        return False
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def warm(path: str) -> None:
+    for root, _, names in (
+        os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [os.path.basename(path)])]
+    ):
+        for n in names:
+            with open(os.path.join(root, n), "rb") as f:
+                while f.read(16 << 20):
+                    pass
+
+
+def prepare(size: int, data_dir: str) -> dict[str, str]:
+    """The same state dict in every format under test."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    os.makedirs(data_dir, exist_ok=True)
+    arch = BenchPolicy(size)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = arch.make_policy(None).state_dict()
+    sd = {k: torch.randn(v.shape).to(v.dtype) for k, v in shapes.items()}
+    files = {
+        "pt": os.path.join(data_dir, "sd.pt"),
+        "safetensors": os.path.join(data_dir, "stock.safetensors"),
+        "ckptio": os.path.join(data_dir, "ckptio.safetensors"),
+        "dcp": os.path.join(data_dir, "dcp"),
+    }
+    torch.save(sd, files["pt"])
+    save_file(sd, files["safetensors"])
+    ckptio.save_policy_artifact(files["ckptio"].removesuffix(".safetensors"), sd, arch)
+    shutil.rmtree(files["dcp"], ignore_errors=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(sd, checkpoint_id=files["dcp"])
+    files["bytes"] = str(state_dict_bytes(sd))
+    files["tensors"] = str(len(sd))
+    return files
+
+
+def measure(spec: dict, timeout: float = 900) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed for {spec['op']}/{spec['method']}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def many_ranks(files: dict[str, str], method: str, ranks: int = 2) -> dict:
+    """Processes loading the same file at once; MemAvailable drop while all hold their tensors."""
+
+    def available() -> int:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+    warm(files["ckptio"] if method == "ckptio" else files["pt"])
+    before = available()
+    spec = json.dumps({"op": "hold", "method": method, "files": files})
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker", spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(ranks)
+    ]
+    try:
+        reports = [json.loads(p.stdout.readline()) for p in procs]  # each line: loaded, touched, holding
+        during = available()
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait(timeout=120)
+    return {"mem_available_drop": before - during, "peak_rss": [r["peak_rss"] for r in reports]}
+
+
+def summarize(samples: list[dict]) -> dict:
+    secs = [s["seconds"] for s in samples]
+    mem = [s.get("peak_rss_delta", 0) for s in samples]
+    return {
+        "median_s": statistics.median(secs),
+        "min_s": min(secs),
+        "max_s": max(secs),
+        "peak_rss_delta": statistics.median(mem),
+        "samples": samples,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="64M,1G", help="comma-separated checkpoint sizes (K/M/G)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--cold", action="store_true", help="also measure loads after dropping the page cache (needs root)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat, 1 many-ranks run: a smoke test")
+    p.add_argument("--ranks", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeats = "2M", 1
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    cold = args.cold and can_drop_caches()
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ckptio": ckptio.__version__,
+        "safetensors": __import__("safetensors").__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "cache": "warm and cold" if cold else "warm",
+        "cold_cache_note": None
+        if cold
+        else ("not requested" if not args.cold else "cannot drop the page cache here (not root)"),
+        "repeats": args.repeats,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    results: dict = {"environment": env, "sizes": {}}
+    for size in sizes:
+        data_dir = os.path.join(args.out, "data", str(size))
+        files = prepare(size, data_dir)
+        nbytes = int(files["bytes"])
+        print(f"== {nbytes / 2**20:.0f} MiB, {files['tensors']} tensors", flush=True)
+        rows: dict = {}
+
+        def run(key: str, spec: dict, cold_cache: bool = False) -> None:
+            samples = []
+            for _ in range(args.repeats):
+                os.sync()  # earlier measurements' dirty pages must not be flushed inside this one
+                if cold_cache:
+                    drop_caches()
+                else:
+                    warm(files["ckptio"])
+                    for k in ("pt", "safetensors", "dcp"):
+                        warm(files[k])
+                samples.append(measure({**spec, "files": files, "target_bytes": size}))
+            rows[key] = summarize(samples)
+            print(f"  {key:40s} {rows[key]['median_s'] * 1e3:10.2f} ms", flush=True)
+
+        for op in ("open", "full"):
+            for m in LOAD_METHODS:
+                run(f"load.{op}.{m}", {"op": op, "method": m})
+                if cold:
+                    run(f"load_cold.{op}.{m}", {"op": op, "method": m}, cold_cache=True)
+        run("limit.readinto", {"op": "readinto", "method": "raw"})
+        run("limit.header", {"op": "header", "method": "raw"})
+        run("limit.resident_sum", {"op": "resident_sum", "method": "raw"})
+        for m in ("baseline", "ckptio"):
+            run(f"ready.{m}", {"op": "ready", "method": m})
+        for m in SAVE_METHODS:
+            out = os.path.join(data_dir, f"save-{m}")
+            run(f"save.{m}", {"op": "save", "method": m, "out": out})
+            shutil.rmtree(out, ignore_errors=True) if os.path.isdir(out) else None
+        for m in ("ckptio", "dcp_async_save"):
+            out = os.path.join(data_dir, f"stall-{m}")
+            run(f"stall.{m}", {"op": "stall", "method": m, "out": out})
+            shutil.rmtree(out, ignore_errors=True)
+        for m in ("torch_load", "ckptio"):
+            reps = [many_ranks(files, m, args.ranks) for _ in range(1 if args.quick else args.repeats)]
+            rows[f"ranks.{m}"] = {
+                "mem_available_drop": statistics.median(r["mem_available_drop"] for r in reps),
+                "peak_rss": reps[-1]["peak_rss"],
+                "samples": reps,
+            }
+            print(f"  ranks.{m:34s} {rows[f'ranks.{m}']['mem_available_drop'] / 2**20:10.1f} MiB used", flush=True)
+        results["sizes"][str(nbytes)] = {
+            "tensors": int(files["tensors"]),
+            "file_bytes": os.path.getsize(files["ckptio"]),
+            "rows": rows,
+        }
+        for key in ("pt", "safetensors", "ckptio"):
+            os.unlink(files[key])
+        shutil.rmtree(files["dcp"], ignore_errors=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_reports(results, args.out)
+    print(f"wrote {args.out}/results.json, results.md and plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

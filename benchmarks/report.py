@@ -1,0 +1,125 @@
+"""Markdown table, target check and plots from a results dict."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+TARGETS = [
+    # (name, numerator row, denominator row, comparison, bound, what it means)
+    ("open vs torch.load", "load.open.torch_load", "load.open.ckptio", ">=", 200, "times faster"),
+    ("open vs header parse", "load.open.ckptio", "limit.header", "<=", 2, "x the header parse"),
+    ("full read vs torch.load", "load.full.ckptio", "load.full.torch_load", "<=", 0.5, "x torch.load"),
+    ("full read vs resident sum", "load.full.ckptio", "limit.resident_sum", "<=", 3, "x summing resident tensors"),
+    ("ready module vs construct+load", "ready.baseline", "ready.ckptio", ">=", 100, "times faster"),
+    ("durable save vs raw write+fsync", "save.ckptio", "save.raw_write", "<=", 1.2, "x raw write"),
+    ("async stall vs sync save", "stall.ckptio", "save.ckptio", "<=", 0.10, "x sync save"),
+]
+
+
+def _median(rows: dict, key: str) -> float | None:
+    row = rows.get(key)
+    return None if row is None else row.get("median_s")
+
+
+def target_results(rows: dict) -> list[dict[str, Any]]:
+    out = []
+    for name, num, den, op, bound, unit in TARGETS:
+        a, b = _median(rows, num), _median(rows, den)
+        if a is None or b is None or b == 0:
+            continue
+        ratio = a / b
+        out.append({"target": name, "ratio": ratio, "bound": f"{op} {bound}", "unit": unit,
+                    "met": ratio >= bound if op == ">=" else ratio <= bound})  # fmt: skip
+    t, c = rows.get("ranks.torch_load"), rows.get("ranks.ckptio")
+    if t and c and t["mem_available_drop"] > 0:
+        ratio = c["mem_available_drop"] / t["mem_available_drop"]
+        out.append({"target": "2 ranks: RAM used vs torch.load", "ratio": ratio, "bound": "<= 0.25",
+                    "unit": "x torch.load's", "met": ratio <= 0.25})  # fmt: skip
+    return out
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [
+        "# Checkpoint benchmark",
+        "",
+        f"torch {env['torch']}, safetensors {env['safetensors']}, ckptio {env['ckptio']}, Python {env['python']}; "
+        f"{env['cpu_count']} CPUs, {env['ram_bytes'] / 2**30:.0f} GiB RAM; page cache: {env['cache']}"
+        + (f" ({env['cold_cache_note']})" if env.get("cold_cache_note") else "")
+        + f"; median of {env['repeats']} fresh processes.",
+        "",
+    ]
+    for nbytes, entry in results["sizes"].items():
+        rows = entry["rows"]
+        base = _median(rows, "load.open.torch_load")
+        lines += [
+            f"## {int(nbytes) / 2**20:.0f} MiB state dict, {entry['tensors']} tensors",
+            "",
+            "| measurement | median ms | spread ms | x torch.load | peak RSS growth MiB |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for key, row in rows.items():
+            if "median_s" not in row:
+                continue
+            ratio = f"{row['median_s'] / base:.4g}" if base else "-"
+            lines.append(
+                f"| {key} | {row['median_s'] * 1e3:.2f} | {row['min_s'] * 1e3:.2f}-{row['max_s'] * 1e3:.2f} | {ratio} | "
+                f"{row['peak_rss_delta'] / 2**20:.1f} |"
+            )
+        for key in ("ranks.torch_load", "ranks.ckptio"):
+            if key in rows:
+                r = rows[key]
+                lines.append(
+                    f"| {key}: MemAvailable drop, both ranks holding | - | - | - | {r['mem_available_drop'] / 2**20:.1f} "
+                    f"(per-rank peak RSS {', '.join(f'{x / 2**20:.0f}' for x in r['peak_rss'])}) |"
+                )
+        lines += ["", "| target | ratio | bound | met |", "|---|---:|---|---|"]
+        for t in target_results(rows):
+            lines.append(
+                f"| {t['target']} | {t['ratio']:.4g} {t['unit']} | {t['bound']} | {'yes' if t['met'] else 'NO'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(results: dict, out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(results["sizes"], key=int)
+    xs = [int(s) / 2**20 for s in sizes]
+    written = []
+    for prefix, field, ylabel, fname in (
+        ("load.full.", "median_s", "seconds (load + read every byte)", "load_time.png"),
+        ("load.open.", "median_s", "seconds (load returned)", "open_time.png"),
+        ("save.", "median_s", "seconds (durable save)", "save_time.png"),
+        ("load.full.", "peak_rss_delta", "peak RSS growth, MiB", "load_memory.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        keys = sorted({k for s in sizes for k in results["sizes"][s]["rows"] if k.startswith(prefix)})
+        for key in keys:
+            ys = [results["sizes"][s]["rows"][key][field] for s in sizes]
+            ys = [y / 2**20 for y in ys] if field == "peak_rss_delta" else ys
+            ax.plot(xs, ys, marker="o", label=key.removeprefix(prefix))
+        ax.set_xscale("log")
+        if field == "median_s":
+            ax.set_yscale("log")
+        ax.set_xlabel("checkpoint size, MiB")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_reports(results: dict, out_dir: str) -> None:
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(results))
+    plots(results, out_dir)

@@ -1,0 +1,202 @@
+"""One measurement in a fresh process: ``python -m benchmarks.worker JSON`` prints a JSON result.
+
+The timed region excludes interpreter start and imports; memory is the peak RSS growth during
+the operation (ru_maxrss against the RSS just before it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+import ckptio
+from benchmarks.policy import BenchPolicy
+from ckptio.formats import read_header
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def touch(sd: dict[str, torch.Tensor]) -> int:
+    """Read every byte of every tensor (so mapped pages really load), at memory bandwidth."""
+    total = 0
+    for t in sd.values():
+        if not t.numel():
+            continue
+        flat = t.reshape(-1).view(torch.uint8)
+        n8 = flat.numel() // 8 * 8
+        try:
+            total += int(flat[:n8].view(torch.int64).sum()) + int(flat[n8:].sum(dtype=torch.int64))
+        except RuntimeError:  # not 8-byte aligned: the slow byte-wise sum still reads everything
+            total += int(flat.sum(dtype=torch.int64))
+    return total
+
+
+def _durable(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _replace_durably(tmp: str, path: str) -> None:
+    _durable(tmp)
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def load(method: str, files: dict[str, str]) -> dict[str, torch.Tensor]:
+    if method == "torch_load":
+        return torch.load(files["pt"], weights_only=False)
+    if method == "torch_load_weights_only":
+        return torch.load(files["pt"], weights_only=True)
+    if method == "torch_load_mmap":
+        return torch.load(files["pt"], weights_only=True, mmap=True)
+    if method == "safetensors_load_file":
+        from safetensors.torch import load_file
+
+        return load_file(files["safetensors"])
+    if method == "dcp_load":
+        import torch.distributed.checkpoint as dcp
+
+        meta = dcp.FileSystemReader(files["dcp"]).read_metadata()
+        sd = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.state_dict_metadata.items()}
+        dcp.load(sd, checkpoint_id=files["dcp"])
+        return sd
+    if method == "ckptio":
+        return dict(ckptio.load_from_uri(files["ckptio"]).state_dict)
+    raise ValueError(method)
+
+
+def run(spec: dict) -> dict:
+    op, method, files = spec["op"], spec["method"], spec["files"]
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    result: dict = {}
+    rss0 = _rss()
+    if op in ("open", "full"):
+        t = time.perf_counter()
+        sd = load(method, files)
+        if op == "full":
+            touch(sd)
+        result["seconds"] = time.perf_counter() - t
+    elif op == "resident_sum":  # the floor for "fully read": the same tensors already in RAM
+        sd = {k: v.clone() for k, v in load("ckptio", files).items()}
+        touch(sd)
+        rss0 = _rss()
+        t = time.perf_counter()
+        touch(sd)
+        result["seconds"] = time.perf_counter() - t
+    elif op == "readinto":
+        buf = bytearray(os.path.getsize(files["ckptio"]))
+        rss0 = _rss()
+        t = time.perf_counter()
+        with open(files["ckptio"], "rb", buffering=0) as f:
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                got += f.readinto(view[got:])
+        result["seconds"] = time.perf_counter() - t
+    elif op == "header":
+        t = time.perf_counter()
+        with open(files["ckptio"], "rb") as f:
+            read_header(f, os.fstat(f.fileno()).st_size, files["ckptio"])
+        result["seconds"] = time.perf_counter() - t
+    elif op == "ready":
+        arch = BenchPolicy(spec["target_bytes"])
+        t = time.perf_counter()
+        if method == "ckptio":
+            module = ckptio.load_from_uri(files["ckptio"]).instantiate(None)
+        else:  # the usual way: construct (random init), then copy the pickle's tensors in
+            module = arch.make_policy(None)
+            module.load_state_dict(torch.load(files["pt"], weights_only=True))
+        result["seconds"] = time.perf_counter() - t
+        result["params"] = sum(p.numel() for p in module.parameters())
+    elif op in ("save", "stall"):
+        sd = {k: v.clone() for k, v in load("ckptio", files).items()}  # resident, as after training
+        rss0 = _rss()
+        out = spec["out"]
+        result.update(_save(method, op, sd, out))
+    else:
+        raise ValueError(op)
+    result["peak_rss_delta"] = max(_peak() - rss0, 0)
+    return result
+
+
+def _save(method: str, op: str, sd: dict[str, torch.Tensor], out: str) -> dict:
+    tmp = out + ".tmp"
+    if op == "stall":
+        # steady state: a warm-up save first (buffers allocated, threads started), then the timed one
+        if method == "ckptio":
+            ck = ckptio.Checkpointer(out, BenchPolicy(1), ckptio.CheckpointConfig(async_save=True))
+            ck.save(sd, 1, force=True)
+            ck.wait()
+            t = time.perf_counter()
+            ck.save(sd, 2, force=True)
+            stall = time.perf_counter() - t
+            ck.close()
+        else:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.async_save(sd, checkpoint_id=out + "-warmup").result()
+            t = time.perf_counter()
+            fut = dcp.async_save(sd, checkpoint_id=out)
+            stall = time.perf_counter() - t
+            fut.result()
+        total = time.perf_counter() - t
+        return {"seconds": stall, "total_seconds": total}
+    t = time.perf_counter()
+    if method == "raw_write":
+        with open(tmp, "wb", buffering=0) as f:
+            for v in sd.values():
+                if v.numel():
+                    f.write(memoryview(v.reshape(-1).view(torch.uint8).numpy()))
+        _replace_durably(tmp, out)
+    elif method == "torch_save":
+        torch.save(sd, tmp)
+        _replace_durably(tmp, out)
+    elif method == "safetensors_save_file":
+        from safetensors.torch import save_file
+
+        save_file(sd, tmp)
+        _replace_durably(tmp, out)
+    elif method == "dcp_save":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(sd, checkpoint_id=out)
+        for name in os.listdir(out):
+            _durable(os.path.join(out, name))
+    elif method == "ckptio":
+        ckptio.CheckpointManager(out).save_agent(sd, 1)
+    else:
+        raise ValueError(method)
+    return {"seconds": time.perf_counter() - t}
+
+
+def hold(files: dict[str, str], method: str) -> None:
+    """Many-ranks mode: load and touch everything, report, then hold it until stdin closes."""
+    sd = load(method, files)
+    touch(sd)
+    print(json.dumps({"peak_rss": _peak(), "rss": _rss()}), flush=True)
+    sys.stdin.read()
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    if spec["op"] == "hold":
+        hold(spec["files"], spec["method"])
+    else:
+        print(json.dumps(run(spec)))
