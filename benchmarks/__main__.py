@@ -143,6 +143,19 @@ def summarize(samples: list[dict]) -> dict:
     }
 
 
+def repeat(spec: dict, files: dict[str, str], size: int, repeats: int, cold_cache: bool) -> dict:
+    samples = []
+    for _ in range(repeats):
+        os.sync()  # earlier measurements' dirty pages must not be flushed inside this one
+        if cold_cache:
+            drop_caches()
+        else:
+            for k in ("ckptio", "pt", "safetensors", "dcp"):
+                warm(files[k])
+        samples.append(measure({**spec, "files": files, "target_bytes": size}))
+    return summarize(samples)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="64M,1G", help="comma-separated checkpoint sizes (K/M/G)")
@@ -180,18 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {nbytes / 2**20:.0f} MiB, {files['tensors']} tensors", flush=True)
         rows: dict = {}
 
-        def run(key: str, spec: dict, cold_cache: bool = False) -> None:
-            samples = []
-            for _ in range(args.repeats):
-                os.sync()  # earlier measurements' dirty pages must not be flushed inside this one
-                if cold_cache:
-                    drop_caches()
-                else:
-                    warm(files["ckptio"])
-                    for k in ("pt", "safetensors", "dcp"):
-                        warm(files[k])
-                samples.append(measure({**spec, "files": files, "target_bytes": size}))
-            rows[key] = summarize(samples)
+        def run(key: str, spec: dict, cold_cache: bool = False, files=files, size=size, rows=rows) -> None:
+            rows[key] = repeat(spec, files, size, args.repeats, cold_cache)
             print(f"  {key:40s} {rows[key]['median_s'] * 1e3:10.2f} ms", flush=True)
 
         for op in ("open", "full"):
