@@ -128,6 +128,8 @@ def run(spec: dict) -> dict:
         rss0 = _rss()
         out = spec["out"]
         result.update(_save(method, op, sd, out))
+        if op == "save" and method != "raw_write":
+            result["roundtrip"] = _roundtrip(method, sd, out)  # untimed: the saved bytes load back equal
     else:
         raise ValueError(op)
     result["peak_rss_delta"] = max(_peak() - rss0, 0)
@@ -182,6 +184,18 @@ def _save(method: str, op: str, sd: dict[str, torch.Tensor], out: str) -> dict:
     else:
         raise ValueError(method)
     return {"seconds": time.perf_counter() - t}
+
+
+def _roundtrip(method: str, sd: dict[str, torch.Tensor], out: str) -> bool:
+    if method == "ckptio":
+        back = dict(ckptio.load_from_uri(out).state_dict)
+    elif method == "dcp_save":
+        back = load("dcp_load", {"dcp": out})
+    elif method == "torch_save":
+        back = load("torch_load_weights_only", {"pt": out})
+    else:
+        back = load("safetensors_load_file", {"safetensors": out})
+    return back.keys() == sd.keys() and all(torch.equal(back[k], v) for k, v in sd.items())
 
 
 def hold(files: dict[str, str], method: str) -> None:

@@ -1,0 +1,40 @@
+"""The benchmark harness in --quick mode: structure and sanity, never timings."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT, subprocess_env
+
+from benchmarks.__main__ import LOAD_METHODS, SAVE_METHODS
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_benchmark_produces_every_measurement(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=REPO_ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    env = results["environment"]
+    assert {"torch", "safetensors", "cpu_count", "ram_bytes", "cache", "repeats"} <= set(env)
+    (entry,) = results["sizes"].values()
+    rows = entry["rows"]
+    expected = {f"load.{op}.{m}" for op in ("open", "full") for m in LOAD_METHODS}
+    expected |= {f"save.{m}" for m in SAVE_METHODS} | {"ready.baseline", "ready.ckptio", "stall.ckptio"}
+    expected |= {"stall.dcp_async_save", "limit.readinto", "limit.header", "limit.resident_sum"}
+    assert expected <= set(rows)
+    for key in expected:
+        assert rows[key]["median_s"] > 0 and rows[key]["min_s"] <= rows[key]["median_s"] <= rows[key]["max_s"]
+    for m in SAVE_METHODS:
+        if m != "raw_write":
+            assert all(s["roundtrip"] for s in rows[f"save.{m}"]["samples"]), m
+    assert rows["ready.ckptio"]["samples"][0]["params"] == rows["ready.baseline"]["samples"][0]["params"] > 0
+    for m in ("torch_load", "ckptio"):
+        assert len(rows[f"ranks.{m}"]["peak_rss"]) == 2
+    md = (out / "results.md").read_text()
+    assert "| load.full.ckptio |" in md and "| target |" in md
+    for png in ("load_time.png", "open_time.png", "save_time.png", "load_memory.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
