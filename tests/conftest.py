@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
 
 ckptio.allow_architecture_modules("archs")
+# keep the node-local cache of remote checkpoints out of the user's home during tests
+os.environ.setdefault("CKPTIO_CACHE_DIR", tempfile.mkdtemp(prefix="ckptio-test-cache-"))
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

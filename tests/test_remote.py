@@ -281,3 +281,40 @@ def test_two_rank_resume_from_s3_downloads_once_per_node(s3, tmp_path):
     assert len(gets) == 1, gets
     trainer_gets = [r for r in s3.requests()[before:] if r.startswith("GET ") and ".e00000002.trainer." in r]
     assert len(trainer_gets) == 1, trainer_gets
+
+
+def test_node_cache_is_keyed_by_version_and_bounded(s3, tmp_path, policy):
+    bucket = s3.make_bucket()
+    storage = Storage(f"s3://{bucket}/c", s3.options())
+    cache = NodeCache(str(tmp_path / "cache"), max_bytes=1500)
+    storage.write_bytes("a.bin", b"1" * 1000)
+    first = cache.fetch(storage, "a.bin")
+    assert cache.fetch(storage, "a.bin") == first and cache.fills == 1
+    storage.write_bytes("a.bin", b"2" * 1000)  # same name, new content: never served stale
+    second = cache.fetch(storage, "a.bin")
+    assert second != first and open(second, "rb").read() == b"2" * 1000 and cache.fills == 2
+    assert not os.path.exists(first)  # evicted: both would exceed the 1500-byte limit
+    storage.write_bytes("b.bin", b"3" * 1000)
+    cache.fetch(storage, "b.bin")
+    assert not os.path.exists(second)
+    assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(cache.path_for(storage, "b.bin"))]
+
+
+def test_network_filesystems_are_read_eagerly(tmp_path, policy, monkeypatch):
+    from ckptio import policy_io
+    from ckptio.storage import is_network_filesystem
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\nsrv:/x /mnt/nfs nfs4 rw 0 0\nfoo /mnt/f fuse.s3fs rw 0 0\n")
+    assert not is_network_filesystem("/work", str(mounts))
+    assert is_network_filesystem("/mnt/nfs/run/x", str(mounts)) and is_network_filesystem("/mnt/f/y", str(mounts))
+    uri = ckptio.save_policy_artifact(str(tmp_path / "p"), policy, None)
+
+    def mapped(art):
+        return any(uri in line for line in open("/proc/self/maps"))
+
+    monkeypatch.setattr(policy_io, "is_network_filesystem", lambda path: True)
+    art = ckptio.load_from_uri(uri)
+    assert not mapped(art) and torch.equal(art.state_dict["head.weight"], policy.head.weight)
+    forced = ckptio.load_from_uri(uri, mmap=True)  # the explicit override wins
+    assert mapped(forced)
