@@ -14,6 +14,7 @@ import torch
 
 from .architecture import architecture_to_json
 from .errors import ArchitectureError, StateDictMismatchError
+from .formats import LazyTensors
 
 __all__ = ["MockArchitecture", "MockPolicy", "PolicyArtifact", "env_dims"]
 
@@ -162,7 +163,8 @@ class PolicyArtifact:
             self._module = self.policy
         else:
             assert self.state_dict is not None
-            bad = [k for k, v in self.state_dict.items() if not isinstance(v, torch.Tensor)]
+            lazy = isinstance(self.state_dict, LazyTensors)  # tensors by construction; don't materialize
+            bad = [] if lazy else [k for k, v in self.state_dict.items() if not isinstance(v, torch.Tensor)]
             if bad:
                 raise ArchitectureError(f"{self.source}: state dict values must be tensors; not for {bad[:5]}")
             if self.policy_architecture is not None and not hasattr(self.policy_architecture, "make_policy"):

@@ -20,7 +20,7 @@ import shutil
 import struct
 import tempfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -328,9 +328,7 @@ def _file_size(f: IO[bytes]) -> int:
         return size
 
 
-def read_safetensors(
-    f: IO[bytes], source: str, *, mmap_file: bool = True
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(f: IO[bytes], source: str, *, mmap_file: bool = True) -> tuple[LazyTensors, dict[str, str]]:
     """Tensors (in header key order, aliases re-tied) and metadata from an open safetensors file.
 
     With ``mmap_file`` the tensors are views over a private copy-on-write mapping: opening costs
@@ -353,17 +351,49 @@ def read_safetensors(
         if got != len(buf):
             raise CorruptCheckpointError(f"{source}: file shrank while reading ({got} of {len(buf)} data bytes)")
         base = 0
-    views = _Views(buf, base, size - hdr.data_start)
-    tensors = {key: views.get(*entry) for key, entry in hdr.entries.items()}
-    aliases = hdr.metadata.get("ckptio.aliases")
-    if aliases:
+    aliases: dict[str, str] = {}
+    raw = hdr.metadata.get("ckptio.aliases")
+    if raw:
         try:
-            amap = json.loads(aliases)
-            for alias, target in amap.items():
-                tensors[alias] = tensors[target]
-        except (ValueError, KeyError, AttributeError, TypeError) as e:
-            raise CorruptCheckpointError(f"{source}: invalid ckptio.aliases metadata: {e!r}") from None
-    return tensors, hdr.metadata
+            aliases = json.loads(raw)
+            ok = isinstance(aliases, dict) and all(
+                isinstance(t, str) and t in hdr.entries and a not in hdr.entries for a, t in aliases.items()
+            )
+        except ValueError:
+            ok = False
+        if not ok:
+            raise CorruptCheckpointError(f"{source}: invalid ckptio.aliases metadata: {raw[:200]!r}")
+    return LazyTensors(_Views(buf, base, size - hdr.data_start), hdr.entries, aliases), hdr.metadata
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A read-only state dict whose tensor objects are made on first access.
+
+    Everything was validated with the header; a tensor is a view over the mapping, created (and
+    kept) when first asked for, so opening a checkpoint costs its header, whatever its tensor
+    count. Aliases (tied weights) return the very object of the key they alias.
+    """
+
+    def __init__(self, views: _Views, entries: Mapping[str, Any], aliases: Mapping[str, str]):
+        self._views, self._entries, self._aliases = views, entries, aliases
+        self._made: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        key = self._aliases.get(key, key)
+        t = self._made.get(key)
+        if t is None:
+            t = self._made[key] = self._views.get(*self._entries[key])
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._entries
+        yield from self._aliases
+
+    def __len__(self) -> int:
+        return len(self._entries) + len(self._aliases)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries or key in self._aliases
 
 
 def verify_safetensors(f: IO[bytes], source: str) -> None:

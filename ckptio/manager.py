@@ -310,7 +310,7 @@ class CheckpointManager:
             return None
         local = None if info.storage.is_local else (cache or NodeCache()).fetch(info.storage, name)
         tensors, meta = read_weights(info.storage, name, mmap=False, local_path=local)
-        assert isinstance(tensors, dict)
+        assert isinstance(tensors, Mapping)
         return tensors, meta
 
     def retained(self, infos: list[CheckpointInfo], protect: Iterable[str] = ()) -> set[str]:

@@ -226,7 +226,7 @@ def read_weights(
     trusted: bool = False,
     verify: bool = False,
     local_path: str | None = None,
-) -> tuple[dict[str, torch.Tensor] | torch.nn.Module, dict[str, str]]:
+) -> tuple[Mapping[str, torch.Tensor] | torch.nn.Module, dict[str, str]]:
     """Tensors (or a trusted pickled module) and header metadata of one weights file.
 
     ``mmap=None`` maps local-disk files and reads network-filesystem files eagerly.
