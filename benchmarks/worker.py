@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 
@@ -24,8 +23,15 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak() -> None:
+    # ru_maxrss survives exec (it would report the parent's size): use VmHWM, reset to "now"
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def touch(sd: dict[str, torch.Tensor]) -> int:
@@ -85,6 +91,7 @@ def run(spec: dict) -> dict:
 
     warnings.filterwarnings("ignore")
     result: dict = {}
+    _reset_peak()
     rss0 = _rss()
     if op in ("open", "full"):
         t = time.perf_counter()
@@ -95,12 +102,14 @@ def run(spec: dict) -> dict:
     elif op == "resident_sum":  # the floor for "fully read": the same tensors already in RAM
         sd = {k: v.clone() for k, v in load("ckptio", files).items()}
         touch(sd)
+        _reset_peak()
         rss0 = _rss()
         t = time.perf_counter()
         touch(sd)
         result["seconds"] = time.perf_counter() - t
     elif op == "readinto":
         buf = bytearray(os.path.getsize(files["ckptio"]))
+        _reset_peak()
         rss0 = _rss()
         t = time.perf_counter()
         with open(files["ckptio"], "rb", buffering=0) as f:
@@ -125,6 +134,7 @@ def run(spec: dict) -> dict:
         result["params"] = sum(p.numel() for p in module.parameters())
     elif op in ("save", "stall"):
         sd = {k: v.clone() for k, v in load("ckptio", files).items()}  # resident, as after training
+        _reset_peak()
         rss0 = _rss()
         out = spec["out"]
         result.update(_save(method, op, sd, out))
@@ -200,6 +210,7 @@ def _roundtrip(method: str, sd: dict[str, torch.Tensor], out: str) -> bool:
 
 def hold(files: dict[str, str], method: str) -> None:
     """Many-ranks mode: load and touch everything, report, then hold it until stdin closes."""
+    _reset_peak()
     sd = load(method, files)
     touch(sd)
     print(json.dumps({"peak_rss": _peak(), "rss": _rss()}), flush=True)

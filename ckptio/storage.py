@@ -73,6 +73,8 @@ class FileInfo:
 
 
 def split_uri(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    if "://" not in uri and "::" not in uri:  # a plain local path: no protocol to resolve
+        return LocalFileSystem(**(storage_options or {})), os.path.abspath(os.path.expanduser(uri))
     try:
         return fsspec.core.url_to_fs(uri, **(storage_options or {}))
     except (ValueError, ImportError) as e:
