@@ -138,8 +138,10 @@ def run(spec: dict) -> dict:
         rss0 = _rss()
         out = spec["out"]
         result.update(_save(method, op, sd, out))
+        result["peak_rss_delta"] = max(_peak() - rss0, 0)
         if op == "save" and method != "raw_write":
             result["roundtrip"] = _roundtrip(method, sd, out)  # untimed: the saved bytes load back equal
+        return result
     else:
         raise ValueError(op)
     result["peak_rss_delta"] = max(_peak() - rss0, 0)

@@ -12,8 +12,9 @@ run() { torchrun --standalone --nproc_per_node="$NPROC" -m launch.train --run-di
 
 echo "== 1. train, stopped after epoch 3"
 run --stop-after-epoch 3
-echo "== 2. restart: resumes from the latest checkpoint, kickstarted by a mock teacher"
-run --teacher-uri mock://teacher
+echo "== 2. restart: resumes from the latest checkpoint; kickstarted by a teacher loaded from a URI"
+echo "      (here the run's own epoch-3 checkpoint; mock://teacher works too)"
+run --teacher-uri "$RUN_DIR/checkpoints/$(basename "$RUN_DIR").e00000003.safetensors"
 echo "== 3. evaluate the latest checkpoint, and a mock policy for comparison"
 python -m launch.evaluate --uri "$RUN_DIR"
 python -m launch.evaluate --uri mock://baseline

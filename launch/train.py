@@ -102,27 +102,28 @@ def main(argv: list[str] | None = None) -> int:
         say(f"kickstarting from teacher {args.teacher_uri} ({type(teacher).__name__})")
 
     for epoch in range(max(ckpt.start_epoch, 1), args.epochs + 1):
-        total = torch.zeros(2, device=device)
+        total = torch.zeros(3, device=device)  # imitation loss, reward, kickstart KL
         for _ in range(args.steps_per_epoch):
             obs, target = task.sample(args.batch_size)
             obs, target = obs.to(device), target.to(device)
             logits = model(obs)
-            loss = F.cross_entropy(logits, target)
+            imitation = F.cross_entropy(logits, target)
+            kl = torch.zeros((), device=device)
             if teacher is not None:
                 with torch.no_grad():
                     teacher_probs = F.softmax(teacher(obs), dim=-1)
-                loss = loss + args.kickstart_coef * F.kl_div(
-                    F.log_softmax(logits, dim=-1), teacher_probs, reduction="batchmean"
-                )
+                kl = F.kl_div(F.log_softmax(logits, dim=-1), teacher_probs, reduction="batchmean")
+            loss = imitation + args.kickstart_coef * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             global_step += 1
-            total += torch.stack([loss.detach(), (logits.argmax(1) == target).float().mean()])
+            total += torch.stack([imitation.detach(), (logits.argmax(1) == target).float().mean(), kl.detach()])
         if dist.is_initialized():
             dist.all_reduce(total)
-        mean_loss, reward = (total / (args.steps_per_epoch * info.world_size)).tolist()
-        say(f"epoch {epoch}: loss {mean_loss:.4f} reward {reward:.3f}")
+        mean_loss, reward, mean_kl = (total / (args.steps_per_epoch * info.world_size)).tolist()
+        kick = f" kickstart KL {mean_kl:.4f}" if teacher is not None else ""
+        say(f"epoch {epoch}: loss {mean_loss:.4f} reward {reward:.3f}{kick}")
         uri = ckpt.save(
             model,
             epoch,
