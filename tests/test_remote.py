@@ -318,3 +318,29 @@ def test_network_filesystems_are_read_eagerly(tmp_path, policy, monkeypatch):
     assert not mapped(art) and torch.equal(art.state_dict["head.weight"], policy.head.weight)
     forced = ckptio.load_from_uri(uri, mmap=True)  # the explicit override wins
     assert mapped(forced)
+
+
+def test_resumed_checkpoint_survives_until_a_newer_one_is_uploaded(s3, tmp_path, policy, env_meta):
+    from archs import MLPArch
+
+    remote = f"s3://{s3.make_bucket()}/run"
+    local = str(tmp_path / "local")
+    cfg = ckptio.CheckpointConfig(keep_last=1, remote_uri=remote, remote_storage_options=s3.options(),
+                                  cache_dir=str(tmp_path / "cache"), upload_file_timeout_s=1.0,
+                                  upload_retries=30, upload_backoff_s=0.1)  # fmt: skip
+    with ckptio.Checkpointer(local, MLPArch(), cfg) as first:
+        first.load_or_create_policy(env_meta)
+        first.save(policy, 1)
+    ck = ckptio.Checkpointer(local, MLPArch(), cfg)
+    ck.load_or_create_policy(env_meta)
+    assert ck.resumed_from.epoch == 1
+    s3.freeze()  # the next upload cannot finish
+    try:
+        ck.save(policy, 2)
+        # keep_last=1, yet the resumed-from checkpoint stays until epoch 2 is durable remotely
+        assert [i.epoch for i in ck.manager.list_checkpoints()] == [1, 2]
+    finally:
+        s3.thaw()
+    ck.close()
+    assert [i.epoch for i in ck.manager.list_checkpoints()] == [2]
+    assert [i.epoch for i in ckptio.list_checkpoints(remote, s3.options())] == [2]
