@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             write_safetensors(f, tensors, {"global_step": str(global_step), "start_epoch": str(ckpt.start_epoch)})
     ckpt.close()
     if dist.is_initialized():
+        # ranks leave together: a rank tearing down gloo while the master still writes its last
+        # checkpoint can abort ("terminate called without an active exception"). ckptio's barrier
+        # waits on gloo, so a long final upload cannot trip an NCCL timeout.
+        ckptio.ranks.barrier()
         dist.destroy_process_group()
     return 0
 
