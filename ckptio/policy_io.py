@@ -166,9 +166,8 @@ def save_policy_artifact(
 
 def read_metrics(storage: Storage, base: str) -> dict[str, Any] | None:
     name = base + METRICS_SUFFIX
-    try:
-        data = storage.read_bytes(name)
-    except CheckpointNotFoundError:
+    data = _read_optional(storage, name)
+    if data is None:
         return None
     try:
         metrics = json.loads(data)

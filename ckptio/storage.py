@@ -235,9 +235,7 @@ class Storage:
                     writer(f)
                 return
             except (NotImplementedError, ValueError):
-                pass  # backend has no conditional create: rely on the single-writer guarantee
-            if self.fs.exists(path):
-                raise FileExistsError(errno.EEXIST, "write-once file exists", path)
+                pass  # backend has no conditional create: the check above and the single writer hold
         with self.fs.open(path, "wb") as f:
             writer(f)
 

@@ -192,8 +192,8 @@ class Uploader:
                     job.done.set()
                 self._pending.clear()
             self._failed_message(extra=f"still uploading after {timeout}s: {stuck}")
-        for t in self._threads:
-            t.join(timeout=0 if not finished else None)
+        for t in self._threads:  # only reached when everything finished (the branch above raises)
+            t.join()
         self._failed_message()
 
     def _failed_message(self, extra: str = "") -> None:
