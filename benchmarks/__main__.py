@@ -202,8 +202,12 @@ def main(argv: list[str] | None = None) -> int:
                 run(f"load.{op}.{m}", {"op": op, "method": m})
                 if cold:
                     run(f"load_cold.{op}.{m}", {"op": op, "method": m}, cold_cache=True)
+        run("load.open.ckptio_tensors", {"op": "open", "method": "ckptio_tensors"})
+        run("load.open.naive_mmap", {"op": "open", "method": "naive_mmap"})
         run("limit.readinto", {"op": "readinto", "method": "raw"})
         run("limit.header", {"op": "header", "method": "raw"})
+        run("limit.header_json", {"op": "header_json", "method": "raw"})
+        run("limit.header_safetensors", {"op": "header_safetensors", "method": "raw"})
         run("limit.resident_sum", {"op": "resident_sum", "method": "raw"})
         for m in ("baseline", "ckptio"):
             run(f"ready.{m}", {"op": "ready", "method": m})

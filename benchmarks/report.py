@@ -15,6 +15,15 @@ TARGETS = [
     ("durable save vs raw write+fsync", "save.ckptio", "save.raw_write", "<=", 1.2, "x raw write"),
     ("async stall vs sync save", "stall.ckptio", "save.ckptio", "<=", 0.10, "x sync save"),
 ]
+# Same-run ratios with no target, printed beside the targets so a reader can judge the baselines.
+CONTEXT = [
+    ("open vs bare json.loads of the header", "load.open.ckptio", "limit.header_json", "x"),
+    ("open vs safetensors safe_open (header only)", "load.open.ckptio", "limit.header_safetensors", "x"),
+    ("open with all tensor objects made vs header parse", "load.open.ckptio_tensors", "limit.header", "x"),
+    ("naive mmap loader (no checks) vs header parse", "load.open.naive_mmap", "limit.header", "x"),
+    ("naive mmap loader vs bare json.loads of the header", "load.open.naive_mmap", "limit.header_json", "x"),
+    ("async stall vs torch.distributed.checkpoint.async_save stall", "stall.ckptio", "stall.dcp_async_save", "x"),
+]
 
 
 def _median(rows: dict, key: str) -> float | None:
@@ -79,6 +88,9 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {t['target']} | {t['ratio']:.4g} {t['unit']} | {t['bound']} | {'yes' if t['met'] else 'NO'} |"
             )
+        context = [(name, _median(rows, a), _median(rows, b), unit) for name, a, b, unit in CONTEXT]
+        lines += ["", "| comparison (no target) | ratio |", "|---|---:|"]
+        lines += [f"| {name} | {a / b:.3g} {unit} |" for name, a, b, unit in context if a and b]
         lines.append("")
     return "\n".join(lines)
 

@@ -60,6 +60,7 @@ _DTYPES: dict[str, torch.dtype] = {
     if hasattr(torch, attr)
 }  # fmt: skip
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in _DTYPES.items()}
 
 
 def _dtype_name(t: torch.Tensor, key: str) -> str:
@@ -237,39 +238,45 @@ def read_header(f: IO[bytes], file_size: int, source: str) -> SafetensorsHeader:
         raise bad("__metadata__ must map strings to strings")
     data_size = file_size - 8 - n
     entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+    spans: list[tuple[int, int, str]] = []
     escaped = "\\u" in text  # only \u escapes can smuggle lone surrogates past the UTF-8 decode
+    # exact type checks instead of isinstance/all(): this loop is most of the cost of opening a checkpoint
     for key, e in header.items():
         if escaped:
             try:
                 key.encode("utf-8")
             except UnicodeEncodeError:
                 raise bad(f"tensor name {key!r} is not valid UTF-8") from None
-        if not isinstance(e, dict):
+        if type(e) is not dict:
             raise bad(f"entry for {key!r} is not an object")
-        dtype = _DTYPES.get(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
+        name, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        dtype = _DTYPES.get(name) if type(name) is str else None
         if dtype is None:
-            raise bad(f"tensor {key!r} has unknown dtype {e.get('dtype')!r}")
-        shape, offs = e.get("shape"), e.get("data_offsets")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise bad(f"tensor {key!r} has invalid shape {shape!r}")
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(type(o) is int for o in offs)
-            or not 0 <= offs[0] <= offs[1]
-        ):
-            raise bad(f"tensor {key!r} has invalid data_offsets {offs!r}")
+            raise bad(f"tensor {key!r} has unknown dtype {name!r}")
         numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * dtype.itemsize
-        if offs[1] - offs[0] != nbytes:
+        if type(shape) is list:
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    numel = -1
+                    break
+                numel *= d
+        if numel < 0 or type(shape) is not list:
+            raise bad(f"tensor {key!r} has invalid shape {shape!r}")
+        if type(offs) is not list or len(offs) != 2:
+            raise bad(f"tensor {key!r} has invalid data_offsets {offs!r}")
+        begin, end = offs
+        if type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
+            raise bad(f"tensor {key!r} has invalid data_offsets {offs!r}")
+        if end - begin != numel * _ITEMSIZE[name]:
             raise bad(
-                f"tensor {key!r}: shape {shape} of {e['dtype']} needs {nbytes} bytes, offsets give {offs[1] - offs[0]}"
+                f"tensor {key!r}: shape {shape} of {name} needs {numel * _ITEMSIZE[name]} bytes, "
+                f"offsets give {end - begin}"
             )
-        entries[key] = (dtype, tuple(shape), offs[0], offs[1])
+        entries[key] = (dtype, tuple(shape), begin, end)
+        spans.append((begin, end, key))
+    spans.sort()
     pos = 0
-    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+    for begin, end, key in spans:
         if begin < pos:
             raise bad(f"tensor {key!r} overlaps another tensor (offset {begin} < {pos})")
         if begin > pos:
@@ -293,6 +300,14 @@ class _Views:
         self.typed: dict[torch.dtype, torch.Tensor | None] = {}
 
     def get(self, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
+        typed = self.typed.get(dtype)
+        if typed is not None and begin != end and not begin % typed.element_size():
+            # the common case, kept to one torch call: a checkpoint opens by making hundreds of these
+            strides, acc = [], 1
+            for d in reversed(shape):
+                strides.append(acc)
+                acc *= d
+            return typed.as_strided(shape, strides[::-1], begin // typed.element_size())
         if end == begin:
             return torch.empty(shape, dtype=dtype)
         itemsize = dtype.itemsize
@@ -306,16 +321,11 @@ class _Views:
                 if aligned
                 else None
             )
-        typed = self.typed[dtype]
-        if typed is None:
-            return torch.frombuffer(
-                self.buf, dtype=dtype, count=(end - begin) // itemsize, offset=self.base + begin
-            ).view(shape)
-        strides, acc = [], 1
-        for d in reversed(shape):
-            strides.append(acc)
-            acc *= d
-        return typed.as_strided(shape, strides[::-1], begin // itemsize)
+            if aligned:
+                return self.get(dtype, shape, begin, end)
+        return torch.frombuffer(self.buf, dtype=dtype, count=(end - begin) // itemsize, offset=self.base + begin).view(
+            shape
+        )
 
 
 def _file_size(f: IO[bytes]) -> int:
@@ -379,10 +389,13 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         self._made: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        key = self._aliases.get(key, key)
         t = self._made.get(key)
         if t is None:
-            t = self._made[key] = self._views.get(*self._entries[key])
+            target = self._aliases.get(key, key)
+            t = self._made.get(target)
+            if t is None:
+                t = self._made[target] = self._views.get(*self._entries[target])
+            self._made[key] = t
         return t
 
     def __iter__(self) -> Iterator[str]:

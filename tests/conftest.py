@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -12,7 +14,9 @@ REPO_ROOT = os.path.dirname(TESTS_DIR)
 
 ckptio.allow_architecture_modules("archs")
 # keep the node-local cache of remote checkpoints out of the user's home during tests
-os.environ.setdefault("CKPTIO_CACHE_DIR", tempfile.mkdtemp(prefix="ckptio-test-cache-"))
+if "CKPTIO_CACHE_DIR" not in os.environ:
+    os.environ["CKPTIO_CACHE_DIR"] = tempfile.mkdtemp(prefix="ckptio-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CKPTIO_CACHE_DIR"], ignore_errors=True)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -25,6 +25,7 @@ def test_quick_benchmark_produces_every_measurement(tmp_path):
     expected = {f"load.{op}.{m}" for op in ("open", "full") for m in LOAD_METHODS}
     expected |= {f"save.{m}" for m in SAVE_METHODS} | {"ready.baseline", "ready.ckptio", "stall.ckptio"}
     expected |= {"stall.dcp_async_save", "limit.readinto", "limit.header", "limit.resident_sum"}
+    expected |= {"load.open.ckptio_tensors", "load.open.naive_mmap", "limit.header_json", "limit.header_safetensors"}
     assert expected <= set(rows)
     for key in expected:
         assert rows[key]["median_s"] > 0 and rows[key]["min_s"] <= rows[key]["median_s"] <= rows[key]["max_s"]
@@ -35,6 +36,6 @@ def test_quick_benchmark_produces_every_measurement(tmp_path):
     for m in ("torch_load", "ckptio"):
         assert len(rows[f"ranks.{m}"]["peak_rss"]) == 2
     md = (out / "results.md").read_text()
-    assert "| load.full.ckptio |" in md and "| target |" in md
+    assert "| load.full.ckptio |" in md and "| target |" in md and "| comparison (no target) |" in md
     for png in ("load_time.png", "open_time.png", "save_time.png", "load_memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
