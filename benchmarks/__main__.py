@@ -96,6 +96,13 @@ def prepare(size: int, data_dir: str) -> dict[str, str]:
     return files
 
 
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
 def measure(spec: dict, timeout: float = 900) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], capture_output=True, text=True, timeout=timeout
@@ -164,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold", action="store_true", help="also measure loads after dropping the page cache (needs root)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat, 1 many-ranks run: a smoke test")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--only", default="", help="comma-separated row-name prefixes to measure (e.g. save.,stall.)")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats = "2M", 1
@@ -193,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {nbytes / 2**20:.0f} MiB, {files['tensors']} tensors", flush=True)
         rows: dict = {}
 
+        def wanted(key: str) -> bool:
+            return not args.only or key.startswith(tuple(args.only.split(",")))
+
         def run(key: str, spec: dict, cold_cache: bool = False, files=files, size=size, rows=rows) -> None:
+            if not wanted(key):
+                return
             rows[key] = repeat(spec, files, size, args.repeats, cold_cache)
             print(f"  {key:40s} {rows[key]['median_s'] * 1e3:10.2f} ms", flush=True)
 
@@ -214,12 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         for m in SAVE_METHODS:
             out = os.path.join(data_dir, f"save-{m}")
             run(f"save.{m}", {"op": "save", "method": m, "out": out})
-            shutil.rmtree(out, ignore_errors=True) if os.path.isdir(out) else None
+            _remove(out)
         for m in ("ckptio", "dcp_async_save"):
             out = os.path.join(data_dir, f"stall-{m}")
             run(f"stall.{m}", {"op": "stall", "method": m, "out": out})
-            shutil.rmtree(out, ignore_errors=True)
-        for m in ("torch_load", "ckptio"):
+            _remove(out)
+            _remove(out + "-warmup")
+        run("limit.copy", {"op": "copy", "method": "raw"})
+        for m in ("torch_load", "ckptio") if wanted("ranks.") else ():
             reps = [many_ranks(files, m, args.ranks) for _ in range(1 if args.quick else args.repeats)]
             rows[f"ranks.{m}"] = {
                 "mem_available_drop": statistics.median(r["mem_available_drop"] for r in reps),

@@ -23,6 +23,8 @@ CONTEXT = [
     ("naive mmap loader (no checks) vs header parse", "load.open.naive_mmap", "limit.header", "x"),
     ("naive mmap loader vs bare json.loads of the header", "load.open.naive_mmap", "limit.header_json", "x"),
     ("async stall vs torch.distributed.checkpoint.async_save stall", "stall.ckptio", "stall.dcp_async_save", "x"),
+    ("async stall vs copying the tensors into reused buffers", "stall.ckptio", "limit.copy", "x"),
+    ("copying the tensors into reused buffers vs sync save", "limit.copy", "save.ckptio", "x"),
 ]
 
 

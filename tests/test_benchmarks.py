@@ -26,6 +26,7 @@ def test_quick_benchmark_produces_every_measurement(tmp_path):
     expected |= {f"save.{m}" for m in SAVE_METHODS} | {"ready.baseline", "ready.ckptio", "stall.ckptio"}
     expected |= {"stall.dcp_async_save", "limit.readinto", "limit.header", "limit.resident_sum"}
     expected |= {"load.open.ckptio_tensors", "load.open.naive_mmap", "limit.header_json", "limit.header_safetensors"}
+    expected.add("limit.copy")
     assert expected <= set(rows)
     for key in expected:
         assert rows[key]["median_s"] > 0 and rows[key]["min_s"] <= rows[key]["median_s"] <= rows[key]["max_s"]
