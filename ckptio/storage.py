@@ -43,16 +43,19 @@ def is_network_filesystem(path: str, mounts_file: str = "/proc/mounts") -> bool:
         return _network_by_device[device]
     try:
         with open(mounts_file) as f:
-            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+            mounts = [fields[1:3] for fields in map(str.split, f) if len(fields) >= 3]
     except OSError:
         return False
-    real = os.path.realpath(path)
-    best, fstype = "", ""
-    for mount, kind in mounts:
-        mount = mount.replace("\\040", " ")
-        if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
-            best, fstype = mount, kind
-    network = fstype in _NETWORK_FS or fstype.startswith("fuse")
+    network = False
+    # realpath costs a syscall per path component: skip it on the usual machine with no network mounts
+    if any(kind in _NETWORK_FS or kind.startswith("fuse") for _, kind in mounts):
+        real = os.path.realpath(path)
+        best, fstype = "", ""
+        for mount, kind in mounts:
+            mount = mount.replace("\\040", " ")
+            if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                best, fstype = mount, kind
+        network = fstype in _NETWORK_FS or fstype.startswith("fuse")
     if device is not None and mounts_file == "/proc/mounts":
         _network_by_device[device] = network  # a device's filesystem type does not change
     return network
@@ -72,9 +75,17 @@ class FileInfo:
     version: str  # changes whenever the object's content may have changed (etag, generation, mtime)
 
 
+def _is_plain_path(uri: str) -> bool:
+    return "://" not in uri and "::" not in uri
+
+
+def _abspath(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def split_uri(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    if "://" not in uri and "::" not in uri:  # a plain local path: no protocol to resolve
-        return LocalFileSystem(**(storage_options or {})), os.path.abspath(os.path.expanduser(uri))
+    if _is_plain_path(uri):  # no protocol to resolve
+        return LocalFileSystem(**(storage_options or {})), _abspath(uri)
     try:
         return fsspec.core.url_to_fs(uri, **(storage_options or {}))
     except (ValueError, ImportError) as e:
@@ -105,9 +116,20 @@ class Storage:
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
         self.uri = uri
         self.storage_options = dict(storage_options or {})
-        self.fs, root = split_uri(uri, self.storage_options)
-        self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
+        self._fs: fsspec.AbstractFileSystem | None = None
+        if _is_plain_path(uri):
+            # most loads name a local file and never need fsspec: build its filesystem on first use
+            self.is_local, self.root = True, _abspath(uri)
+        else:
+            self._fs, root = split_uri(uri, self.storage_options)
+            self.is_local = isinstance(self._fs, LocalFileSystem)
+            self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            self._fs = LocalFileSystem(**self.storage_options)
+        return self._fs
 
     # -- addressing --------------------------------------------------------------------------
     def path(self, name: str, *, writing: bool = False) -> str:
