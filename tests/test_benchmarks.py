@@ -40,3 +40,24 @@ def test_quick_benchmark_produces_every_measurement(tmp_path):
     assert "| load.full.ckptio |" in md and "| target |" in md and "| comparison (no target) |" in md
     for png in ("load_time.png", "open_time.png", "save_time.png", "load_memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_divides_each_row_by_the_pickle_row_of_the_same_operation():
+    from benchmarks.report import markdown
+
+    def row(ms):
+        return {"median_s": ms / 1e3, "min_s": ms / 1e3, "max_s": ms / 1e3, "peak_rss_delta": 0}
+
+    rows = {"load.open.torch_load": row(100), "load.open.ckptio": row(1), "load.full.torch_load": row(400),
+            "load.full.ckptio": row(40), "save.torch_save": row(2000), "save.ckptio": row(1000),
+            "stall.ckptio": row(50), "ready.baseline": row(3000), "ready.ckptio": row(30)}  # fmt: skip
+    env = {"torch": "t", "safetensors": "s", "ckptio": "c", "python": "p", "cpu_count": 2, "ram_bytes": 2**34,
+           "cache": "warm", "cold_cache_note": None, "repeats": 3}  # fmt: skip
+    md = markdown({"environment": env, "sizes": {str(2**30): {"tensors": 9, "rows": rows}}})
+    table = {line.split("|")[1].strip(): line.split("|")[4:6] for line in md.splitlines() if line.startswith("| ")}
+    assert [c.strip() for c in table["load.open.ckptio"]] == ["0.01", "load.open.torch_load"]
+    assert [c.strip() for c in table["load.full.ckptio"]] == ["0.1", "load.full.torch_load"]
+    assert [c.strip() for c in table["save.ckptio"]] == ["0.5", "save.torch_save"]
+    assert [c.strip() for c in table["stall.ckptio"]] == ["0.025", "save.torch_save"]
+    assert [c.strip() for c in table["ready.ckptio"]] == ["0.01", "ready.baseline"]
+    assert "shown for reference only" not in md
