@@ -150,17 +150,32 @@ def summarize(samples: list[dict]) -> dict:
     }
 
 
-def repeat(spec: dict, files: dict[str, str], size: int, repeats: int, cold_cache: bool) -> dict:
-    samples = []
+def repeat(specs: dict[str, dict], files: dict[str, str], size: int, repeats: int, cold_cache: bool) -> dict:
+    """Measure each spec ``repeats`` times, round-robin, so a slow phase of the machine (its disk
+    especially) falls on every method alike rather than on whichever ran then."""
+    samples: dict[str, list[dict]] = {key: [] for key in specs}
     for _ in range(repeats):
-        os.sync()  # earlier measurements' dirty pages must not be flushed inside this one
-        if cold_cache:
-            drop_caches()
-        else:
-            for k in ("ckptio", "pt", "safetensors", "dcp"):
-                warm(files[k])
-        samples.append(measure({**spec, "files": files, "target_bytes": size}))
-    return summarize(samples)
+        for key, spec in specs.items():
+            os.sync()  # earlier measurements' dirty pages must not be flushed inside this one
+            if cold_cache:
+                drop_caches()
+            else:
+                for k in ("ckptio", "pt", "safetensors", "dcp"):
+                    warm(files[k])
+            samples[key].append(measure({**spec, "files": files, "target_bytes": size}))
+            for path in spec.get("outputs", ()):
+                _remove(path)
+    return {key: summarize(s) for key, s in samples.items()}
+
+
+def warm_up_writes(files: dict[str, str], data_dir: str) -> None:
+    """One untimed durable write of the checkpoint's size: on this kind of VM the first large write
+    after a while of reading runs several times slower than the next ones."""
+    tmp = os.path.join(data_dir, "warm-up-write")
+    shutil.copyfile(files["ckptio"], tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.unlink(tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,11 +219,16 @@ def main(argv: list[str] | None = None) -> int:
         def wanted(key: str) -> bool:
             return not args.only or key.startswith(tuple(args.only.split(",")))
 
-        def run(key: str, spec: dict, cold_cache: bool = False, files=files, size=size, rows=rows) -> None:
-            if not wanted(key):
+        def run_group(specs: dict[str, dict], cold_cache: bool = False, files=files, size=size, rows=rows) -> None:
+            specs = {key: spec for key, spec in specs.items() if wanted(key)}
+            if not specs:
                 return
-            rows[key] = repeat(spec, files, size, args.repeats, cold_cache)
-            print(f"  {key:40s} {rows[key]['median_s'] * 1e3:10.2f} ms", flush=True)
+            rows.update(repeat(specs, files, size, args.repeats, cold_cache))
+            for key in specs:
+                print(f"  {key:40s} {rows[key]['median_s'] * 1e3:10.2f} ms", flush=True)
+
+        def run(key: str, spec: dict, cold_cache: bool = False) -> None:
+            run_group({key: spec}, cold_cache)
 
         for op in ("open", "full"):
             for m in LOAD_METHODS:
@@ -224,16 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         run("limit.resident_sum", {"op": "resident_sum", "method": "raw"})
         for m in ("baseline", "ckptio"):
             run(f"ready.{m}", {"op": "ready", "method": m})
+        writes: dict[str, dict] = {}
         for m in SAVE_METHODS:
             out = os.path.join(data_dir, f"save-{m}")
-            run(f"save.{m}", {"op": "save", "method": m, "out": out})
-            _remove(out)
+            writes[f"save.{m}"] = {"op": "save", "method": m, "out": out, "outputs": [out]}
         for m in ("ckptio", "dcp_async_save"):
             out = os.path.join(data_dir, f"stall-{m}")
-            run(f"stall.{m}", {"op": "stall", "method": m, "out": out})
-            _remove(out)
-            _remove(out + "-warmup")
-        run("limit.copy", {"op": "copy", "method": "raw"})
+            writes[f"stall.{m}"] = {"op": "stall", "method": m, "out": out, "outputs": [out, out + "-warmup"]}
+        writes["limit.copy"] = {"op": "copy", "method": "raw"}
+        if any(map(wanted, writes)):
+            warm_up_writes(files, data_dir)
+        run_group(writes)
         for m in ("torch_load", "ckptio") if wanted("ranks.") else ():
             reps = [many_ranks(files, m, args.ranks) for _ in range(1 if args.quick else args.repeats)]
             rows[f"ranks.{m}"] = {

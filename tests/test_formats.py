@@ -199,3 +199,17 @@ def test_convert_pt_to_safetensors_and_back(tmp_path, policy, env_meta):
         assert set(f.keys()) == set(policy.state_dict())
     module = ckptio.load_from_uri(back).instantiate(env_meta, policy_architecture=MLPArch())
     assert torch.equal(module.embed.weight, policy.embed.weight)
+
+
+def test_digest_is_the_standard_crc32_of_the_data_section(tmp_path):
+    import zlib
+
+    tensors = {f"t{i}": torch.randn(1000 + i).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(40)}
+    path = tmp_path / "d.safetensors"
+    with open(path, "wb") as f:
+        write_safetensors(f, tensors)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    meta = json.loads(raw[8 : 8 + n])["__metadata__"]
+    assert meta["ckptio.crc32"] == f"{zlib.crc32(raw[8 + n :]):08x}"
+    assert int(meta["ckptio.data_bytes"]) == len(raw) - 8 - n
