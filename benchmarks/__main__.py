@@ -151,11 +151,16 @@ def summarize(samples: list[dict]) -> dict:
 
 
 def repeat(specs: dict[str, dict], files: dict[str, str], size: int, repeats: int, cold_cache: bool) -> dict:
-    """Measure each spec ``repeats`` times, round-robin, so a slow phase of the machine (its disk
-    especially) falls on every method alike rather than on whichever ran then."""
+    """Measure each spec ``repeats`` times, round-robin, each round starting one method later, so
+    a slow phase of the machine (the first large write of a sequence especially) falls on every
+    method alike rather than on whichever ran then."""
     samples: dict[str, list[dict]] = {key: [] for key in specs}
-    for _ in range(repeats):
-        for key, spec in specs.items():
+    keys = list(specs)
+    for r in range(repeats):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            spec = specs[key]
+            if spec["op"] == "save":
+                write_before_save(files, os.path.dirname(spec["out"]))
             os.sync()  # earlier measurements' dirty pages must not be flushed inside this one
             if cold_cache:
                 drop_caches()
@@ -168,10 +173,14 @@ def repeat(specs: dict[str, dict], files: dict[str, str], size: int, repeats: in
     return {key: summarize(s) for key, s in samples.items()}
 
 
-def warm_up_writes(files: dict[str, str], data_dir: str) -> None:
-    """One untimed durable write of the checkpoint's size: on this kind of VM the first large write
-    after a while of reading runs several times slower than the next ones."""
-    tmp = os.path.join(data_dir, "warm-up-write")
+def write_before_save(files: dict[str, str], directory: str) -> None:
+    """An untimed durable write of the checkpoint's size, so every timed save follows the same.
+
+    The virtual disk here is still absorbing a large write after sync returns (a 1 GiB save right
+    after another 1 GiB write takes about 2.5x longer than after a pause): without this, a save's
+    time would depend on which method ran before it.
+    """
+    tmp = os.path.join(directory, "write-before-save")
     shutil.copyfile(files["ckptio"], tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -252,8 +261,6 @@ def main(argv: list[str] | None = None) -> int:
             out = os.path.join(data_dir, f"stall-{m}")
             writes[f"stall.{m}"] = {"op": "stall", "method": m, "out": out, "outputs": [out, out + "-warmup"]}
         writes["limit.copy"] = {"op": "copy", "method": "raw"}
-        if any(map(wanted, writes)):
-            warm_up_writes(files, data_dir)
         run_group(writes)
         for m in ("torch_load", "ckptio") if wanted("ranks.") else ():
             reps = [many_ranks(files, m, args.ranks) for _ in range(1 if args.quick else args.repeats)]
