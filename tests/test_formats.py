@@ -213,3 +213,31 @@ def test_digest_is_the_standard_crc32_of_the_data_section(tmp_path):
     meta = json.loads(raw[8 : 8 + n])["__metadata__"]
     assert meta["ckptio.crc32"] == f"{zlib.crc32(raw[8 + n :]):08x}"
     assert int(meta["ckptio.data_bytes"]) == len(raw) - 8 - n
+
+
+def test_a_failing_write_raises_and_leaves_no_checksum_thread(tmp_path):
+    import threading
+
+    class Full(io.RawIOBase):
+        def __init__(self):
+            self.pos = 0
+
+        def writable(self):
+            return True
+
+        def seekable(self):
+            return True
+
+        def tell(self):
+            return self.pos
+
+        def write(self, b):
+            if self.pos > 1000:
+                raise OSError(28, "No space left on device")
+            self.pos += len(b)
+            return len(b)
+
+    with pytest.raises(OSError, match="No space left"):
+        # 256 MiB: the checksum thread is still busy when the write fails, so only a join stops it
+        write_safetensors(Full(), {"a": torch.ones(32 << 20), "b": torch.ones(32 << 20)})
+    assert not [t for t in threading.enumerate() if t.name == "ckptio-crc32"]
