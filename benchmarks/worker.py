@@ -1,7 +1,7 @@
 """One measurement in a fresh process: ``python -m benchmarks.worker JSON`` prints a JSON result.
 
 The timed region excludes interpreter start and imports; memory is the peak RSS growth during
-the operation (ru_maxrss against the RSS just before it).
+the operation (VmHWM, reset just before it, against the RSS then).
 """
 
 from __future__ import annotations
