@@ -104,7 +104,7 @@ def markdown(results: dict) -> str:
             if key in rows:
                 r = rows[key]
                 lines.append(
-                    f"| {key}: MemAvailable drop, both ranks holding | - | - | - | {r['mem_available_drop'] / 2**20:.1f} "
+                    f"| {key}: MemAvailable drop, both ranks holding | - | - | - | - | {r['mem_available_drop'] / 2**20:.1f} "
                     f"(per-rank peak RSS {', '.join(f'{x / 2**20:.0f}' for x in r['peak_rss'])}) |"
                 )
         lines.append("")

@@ -50,7 +50,8 @@ def test_report_divides_each_row_by_the_pickle_row_of_the_same_operation():
 
     rows = {"load.open.torch_load": row(100), "load.open.ckptio": row(1), "load.full.torch_load": row(400),
             "load.full.ckptio": row(40), "save.torch_save": row(2000), "save.ckptio": row(1000),
-            "stall.ckptio": row(50), "ready.baseline": row(3000), "ready.ckptio": row(30)}  # fmt: skip
+            "stall.ckptio": row(50), "ready.baseline": row(3000), "ready.ckptio": row(30),
+            "ranks.ckptio": {"mem_available_drop": 0, "peak_rss": [2**30, 2**30], "samples": []}}  # fmt: skip
     env = {"torch": "t", "safetensors": "s", "ckptio": "c", "python": "p", "cpu_count": 2, "ram_bytes": 2**34,
            "cache": "warm", "cold_cache_note": None, "repeats": 3}  # fmt: skip
     md = markdown({"environment": env, "sizes": {str(2**30): {"tensors": 9, "rows": rows}}})
@@ -61,3 +62,6 @@ def test_report_divides_each_row_by_the_pickle_row_of_the_same_operation():
     assert [c.strip() for c in table["stall.ckptio"]] == ["0.025", "save.torch_save"]
     assert [c.strip() for c in table["ready.ckptio"]] == ["0.01", "ready.baseline"]
     assert "shown for reference only" not in md
+    measurements = md[md.index("| measurement |") :].split("\n\n")[0].splitlines()
+    assert any(line.startswith("| ranks.ckptio") for line in measurements)
+    assert {line.count("|") for line in measurements} == {measurements[0].count("|")}
