@@ -22,9 +22,17 @@ import torch
 from . import ranks
 from .architecture import architecture_from_json, architecture_to_json, architectures_equal
 from .cache import DEFAULT_MAX_BYTES, NodeCache
-from .errors import ArchitectureError, CheckpointError, CheckpointNotFoundError
+from .errors import ArchitectureError, CheckpointError, CheckpointNotFoundError, save_failed
 from .manager import CheckpointInfo, CheckpointManager
-from .policy_io import MANIFEST_NAME, METRICS_SUFFIX, TRAINER_SUFFIX, state_dict_of
+from .policy_io import (
+    MANIFEST_NAME,
+    Sidecars,
+    check_epoch,
+    load_checkpoint,
+    read_metadata,
+    remove_replaced,
+    state_dict_of,
+)
 from .storage import Storage
 from .trainer_state import capture_rng_state, flatten, restore_rng_state, unflatten
 from .upload import Uploader, UploadJob
@@ -40,6 +48,9 @@ class CheckpointConfig:
 
     checkpoint_format: str = "safetensors"
     epoch_interval: int = 1
+    # The name checkpoint files carry ({run}.e{epoch}); default: the remote URI's or run directory's
+    # last component. Runs sharing a directory are told apart by it (retention and resume are per run).
+    run_name: str | None = None
     keep_last: int | None = None
     keep_best: tuple[str, str, int] | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -58,6 +69,9 @@ class CheckpointConfig:
     # Node-local cache for checkpoints loaded from object storage.
     cache_dir: str | None = None
     cache_max_bytes: int = DEFAULT_MAX_BYTES
+    # A checkpoint saved with trainer state whose trainer-state file is missing or damaged: resuming
+    # would silently restart the optimizer and RNG, so it is an error unless this allows it (a warning).
+    resume_without_trainer_state: bool = False
 
     def __post_init__(self) -> None:
         if self.epoch_interval < 1:
@@ -79,11 +93,17 @@ class Checkpointer:
         self._architecture = policy_architecture
         self._architecture_json = architecture_to_json(policy_architecture)
         self.allow = tuple(allow)
+        # the run's name, which its checkpoint files carry: with a remote copy, the durable location
+        # names the run, so jobs on other nodes (other local directories) resume the same run
+        run_name = self.config.run_name or (
+            posixpath.basename(self.config.remote_uri.rstrip("/")) if self.config.remote_uri else None
+        )
         self.manager = CheckpointManager(
             run_dir_or_uri,
             self.config.checkpoint_format,
             keep_last=self.config.keep_last,
             keep_best=self.config.keep_best,
+            run_name=run_name,
             storage_options=self.config.storage_options,
         )
         self.remote: CheckpointManager | None = None
@@ -107,6 +127,7 @@ class Checkpointer:
         self._save_thread: threading.Thread | None = None
         self._save_error: BaseException | None = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._last_saved: str | None = None
         self._closed = False
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -199,14 +220,30 @@ class Checkpointer:
             # one download per node: the node's first rank fills the cache, the others wait, then
             # every rank maps the same local file
             if self.rank.is_local_master:
-                self.cache.fetch(info.storage, info.name)
-                if info.storage.exists(info.base + TRAINER_SUFFIX):
-                    self.cache.fetch(info.storage, info.base + TRAINER_SUFFIX)
+                local = self.cache.fetch(info.storage, info.name)
+                trainer = Sidecars.of(info.base, read_metadata(info.storage, info.name, local), info.uri).trainer
+                if trainer is not None and info.storage.exists(trainer):
+                    self.cache.fetch(info.storage, trainer)
             ranks.barrier()
-        artifact = manager.load_from_uri(info.uri, self._architecture, allow=self.allow, cache=self.cache)
+        # metrics play no part in resuming: a damaged metrics file must not stop a run from continuing
+        artifact = load_checkpoint(
+            info.storage, info.name, policy_architecture=self._architecture, allow=self.allow, cache=self.cache,
+            with_metrics=False,
+        )  # fmt: skip
         module = artifact.instantiate(env_metadata, device=device)
-        raw = manager.read_trainer_state(info, cache=self.cache)
         self.trainer_state = None
+        try:
+            raw = manager.read_trainer_state(info, cache=self.cache)
+        except CheckpointNotFoundError:
+            raise
+        except CheckpointError as e:
+            if not self.config.resume_without_trainer_state:
+                raise type(e)(
+                    f"{e}; refusing to resume with a fresh optimizer and RNG state "
+                    "(CheckpointConfig(resume_without_trainer_state=True) allows it)"
+                ) from e
+            log.warning("resuming %s without its trainer state: %s", info.uri, e)
+            raw = None
         if raw is not None:
             tree = unflatten(*raw, source=info.storage.url(info.base))
             self.trainer_state = tree.get("user")
@@ -265,6 +302,7 @@ class Checkpointer:
         call returns once tensors are snapshotted to CPU; writing and uploading run in background.
         Returns the checkpoint's local URI on the master.
         """
+        check_epoch(epoch)
         if not force and not self.should_save(epoch):
             return None
         tree = None
@@ -323,7 +361,7 @@ class Checkpointer:
         try:
             self._write(*args)
         except BaseException as e:
-            log.error("background save failed: %r", e)
+            log.error("background save failed: %s", e)
             self._save_error = e
 
     def wait(self) -> None:
@@ -336,10 +374,14 @@ class Checkpointer:
             self._save_thread = None
         if self._save_error is not None:
             error, self._save_error = self._save_error, None
-            raise CheckpointError(f"a background save failed: {error!r}") from error
+            if isinstance(error, CheckpointError):
+                raise error  # the save's own typed error, the same a synchronous save raises
+            raise save_failed("a background checkpoint", "writing in the background", error) from error
 
     def _protected(self) -> set[str]:
         keep = set(self.uploader.in_flight()) if self.uploader is not None else set()
+        if self._last_saved is not None:
+            keep.add(self._last_saved)
         if self.resumed_from is not None and not self._uploaded_since_resume and self.remote is not None:
             keep.add(self.resumed_from.name)
         return keep
@@ -351,14 +393,13 @@ class Checkpointer:
         metrics: Mapping[str, Any] | None,
         trainer: tuple[Mapping[str, torch.Tensor], Mapping[str, str]] | None,
     ) -> None:
-        uri = self.manager.save_agent(
+        saved = self.manager.save_checkpoint(
             weights, epoch, metrics, policy_architecture=self._architecture, trainer_state=trainer, prune=False
         )
-        log.info("saved %s", uri)
+        self._last_saved = saved.weights
+        log.info("saved %s", saved.uri)
         if self.remote is not None:
             base = self.manager.base_name(epoch)
-            names = [base + s for s in (METRICS_SUFFIX, TRAINER_SUFFIX) if self.manager.storage.exists(base + s)]
-            names.append(posixpath.basename(uri))  # weights last: on the remote, the commit point
             if self.uploader is None:
                 self.uploader = Uploader(
                     workers=self.config.upload_workers,
@@ -369,13 +410,18 @@ class Checkpointer:
                     file_timeout_s=self.config.upload_file_timeout_s,
                     on_uploaded=self._after_upload,
                 )
-            self.uploader.submit(UploadJob(self.manager.storage, self.remote.storage, names, label=base))
-        with self._prune_lock:
-            self.manager.prune(protect=self._protected())
+            # sidecars first, weights last: on the remote, the weights object is the commit point
+            self.uploader.submit(UploadJob(self.manager.storage, self.remote.storage, list(saved.names), label=base))
+        try:
+            with self._prune_lock:
+                self.manager.prune(protect=self._protected())
+        except Exception as e:
+            raise save_failed(saved.uri, "applying retention", e) from e
 
     def _after_upload(self, job: UploadJob) -> None:
         """A newer checkpoint is durable remotely: retention may now act on both copies."""
         assert self.remote is not None
+        remove_replaced(self.remote.storage, job.label, keep=job.names)  # a re-saved epoch's previous files
         with self._prune_lock:
             self._uploaded_since_resume = True
             self.remote.prune(protect=self._protected())

@@ -6,13 +6,41 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import CheckpointError
 from .manager import convert, inspect_checkpoint, list_checkpoints, verify
 
+_STATUS = {"ok": "OK        ", "bad": "BAD       ", "unverified": "UNVERIFIED"}
 
-def _storage_options(raw: str | None) -> dict:
-    return json.loads(raw) if raw else {}
+
+def _storage_options(raw: str | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        opts = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"--storage-options is not valid JSON: {e}") from None
+    if not isinstance(opts, dict):
+        raise CheckpointError(f"--storage-options must be a JSON object, got {type(opts).__name__}")
+    return opts
+
+
+def _run(args: argparse.Namespace) -> int:
+    opts = _storage_options(args.storage_options)
+    if args.command == "inspect":
+        print(json.dumps(inspect_checkpoint(args.uri, opts), indent=2, default=str))
+    elif args.command == "ls":
+        for info in list_checkpoints(args.uri, opts):
+            print(f"{info.epoch}\t{info.format}\t{info.uri}")
+    elif args.command == "convert":
+        print(convert(args.src, args.dst, trusted=args.trusted, storage_options=opts))
+    elif args.command == "verify":
+        results = verify(args.uri, opts)
+        for r in results:
+            print(f"{_STATUS[r.status]} {r.uri}" + (f": {r.detail}" if r.detail else ""))
+        return 1 if any(not r.ok for r in results) else 0
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,24 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--trusted", action="store_true", help="allow unpickling a whole module from a .pt you trust")
-    p = sub.add_parser("verify", help="recompute content digests; exit 1 if any checkpoint is bad")
+    p = sub.add_parser(
+        "verify",
+        help="check every file of each checkpoint against its digest; exit 1 if any is bad "
+        "(UNVERIFIED: valid, but carries no digest to check its contents)",
+    )
     p.add_argument("uri")
     args = parser.parse_args(argv)
-    opts = _storage_options(args.storage_options)
     try:
-        if args.command == "inspect":
-            print(json.dumps(inspect_checkpoint(args.uri, opts), indent=2, default=str))
-        elif args.command == "ls":
-            for info in list_checkpoints(args.uri, opts):
-                print(f"{info.epoch}\t{info.format}\t{info.uri}")
-        elif args.command == "convert":
-            print(convert(args.src, args.dst, trusted=args.trusted, storage_options=opts))
-        elif args.command == "verify":
-            results = verify(args.uri, opts)
-            for uri, error in results:
-                print(f"OK   {uri}" if error is None else f"BAD  {uri}: {error}")
-            return 1 if any(error for _, error in results) else 0
-    except CheckpointError as e:
-        print(f"ckptio: error: {e}", file=sys.stderr)
+        return _run(args)
+    except (CheckpointError, OSError, ValueError) as e:
+        # one line: a terminal user wants the reason, not a traceback
+        print(f"ckptio: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    return 0

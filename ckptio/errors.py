@@ -33,3 +33,33 @@ class StateDictMismatchError(ArchitectureError):
 
 class UploadError(CheckpointError):
     """One or more background uploads finally failed after their retries."""
+
+
+class InvalidArgumentError(CheckpointError, ValueError):
+    """A call's argument is invalid (an epoch that is not a non-negative int, count < 1, ...)."""
+
+
+class StorageError(CheckpointError, OSError):
+    """A storage backend failed (unreachable endpoint, missing credentials, timeout), naming the URI."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save failed; names the checkpoint and the operation, with the original error chained."""
+
+
+class CheckpointSaveOSError(CheckpointSaveError, OSError):
+    """A save failed on an OSError (errno kept), so ``except OSError`` handlers still see it."""
+
+    def __str__(self) -> str:  # OSError's own formatting would drop the checkpoint and the operation
+        return str(self.args[0])
+
+
+def save_failed(target: str, operation: str, cause: BaseException) -> CheckpointSaveError:
+    """The one error type of a failed save: also an OSError (same errno) when the cause is one."""
+    message = f"saving {target} failed while {operation}: {cause}"
+    if isinstance(cause, OSError):
+        error: CheckpointSaveError = CheckpointSaveOSError(message)
+        error.errno, error.strerror, error.filename = cause.errno, cause.strerror, cause.filename
+        error.args = (message,)
+        return error
+    return CheckpointSaveError(message)

@@ -11,11 +11,13 @@ ckptio's additions live in the header's ``__metadata__`` (string to string):
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import mmap
 import os
 import pickle
+import re
 import shutil
 import struct
 import tempfile
@@ -41,6 +43,8 @@ from .errors import (
 __all__ = [
     "FORMAT_VERSION",
     "SafetensorsHeader",
+    "crc32_hex",
+    "file_size",
     "load_pt",
     "read_header",
     "read_safetensors",
@@ -50,7 +54,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = "1"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # same bound as the safetensors reference implementation
+MAX_HEADER_BYTES = 100_000_000  # the safetensors reference implementation's bound, to the byte
 _CHUNK = 64 * 1024 * 1024
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -60,12 +64,24 @@ _DTYPES: dict[str, torch.dtype] = {
         ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
         ("BOOL", "bool"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"),
         ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-        ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+        ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"),
     ]
     if hasattr(torch, attr)
 }  # fmt: skip
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+# Valid safetensors dtypes whose elements are smaller than a byte: the reference packs them into
+# torch dtypes of another shape; ckptio refuses them by name rather than calling the file corrupt.
+_UNSUPPORTED_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
+# Written by write_safetensors itself: a caller's metadata may not set them.
+_WRITER_KEYS = frozenset({"ckptio.crc32", "ckptio.data_bytes", "ckptio.format", "ckptio.aliases"})
+_INT64_MAX = 2**63 - 1
+_U64_LIMIT = 2**64
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in _DTYPES.items()}
+
+
+def crc32_hex(data: bytes | memoryview) -> str:
+    """The CRC-32 ckptio records for a file's bytes, as 8 hex digits."""
+    return f"{crc32(data):08x}"
 
 
 def _dtype_name(t: torch.Tensor, key: str) -> str:
@@ -80,10 +96,11 @@ def _dtype_name(t: torch.Tensor, key: str) -> str:
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes without copying (t must be contiguous and on the CPU)."""
+    """The tensor's bytes without copying (t must be dense, contiguous and on the CPU)."""
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    # as_strided, not reshape: a 1-element view keeps its odd stride through reshape, and view() refuses it
+    return memoryview(t.as_strided((t.numel(),), (1,)).view(torch.uint8).numpy())
 
 
 def _write_all(f: IO[bytes], view: memoryview) -> None:
@@ -92,11 +109,35 @@ def _write_all(f: IO[bytes], view: memoryview) -> None:
         n = f.write(view)
         if n is None or n >= len(view):
             return
+        if n <= 0:
+            raise OSError(errno.EIO, f"write made no progress ({len(view)} bytes left)")
         view = view[n:]
 
 
 def _alias_key(t: torch.Tensor) -> tuple[Any, ...]:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+    # conj/neg bits are part of identity: x and x.conj() share memory but are not the same tensor
+    return (
+        t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device,
+        t.is_conj(), t.is_neg(),
+    )  # fmt: skip
+
+
+def _dense_cpu(t: torch.Tensor, key: str, detach: bool) -> torch.Tensor:
+    """A CPU tensor whose memory holds exactly its elements in row-major order."""
+    if t.layout != torch.strided:
+        raise CheckpointFormatError(f"tensor {key!r} has layout {t.layout}; only dense tensors can be saved")
+    if t.is_meta:
+        raise CheckpointFormatError(f"tensor {key!r} is on the meta device and has no data to save")
+    if hasattr(t, "to_local"):  # DTensor: its local storage is one shard, not the tensor
+        raise CheckpointFormatError(
+            f"tensor {key!r} is a {type(t).__name__} (sharded); gather a full state dict before saving it"
+        )
+    if t.requires_grad and not detach:
+        raise CheckpointFormatError(f"tensor {key!r} requires grad; save with detach_buffers=True")
+    t = t.detach().to("cpu").resolve_conj().resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t
 
 
 def _prepare(tensors: Mapping[str, torch.Tensor], detach: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -111,16 +152,20 @@ def _prepare(tensors: Mapping[str, torch.Tensor], detach: bool) -> tuple[dict[st
             raise CheckpointFormatError(f"state dict value {key!r} is a {type(t).__name__}, not a tensor")
         if key == "__metadata__":
             raise CheckpointFormatError("'__metadata__' is reserved by safetensors and cannot be a tensor name")
-        if t.requires_grad and not detach:
-            raise CheckpointFormatError(f"tensor {key!r} requires grad; save with detach_buffers=True")
-        if t.numel() > 0 and t.untyped_storage().data_ptr() != 0:
+        _dtype_name(t, key)
+        if (
+            t.numel() > 0
+            and t.layout == torch.strided
+            and not t.is_meta
+            and not hasattr(t, "to_local")
+            and t.untyped_storage().data_ptr() != 0
+        ):
             ak = _alias_key(t)
             if ak in seen:
                 aliases[key] = seen[ak]
                 continue
             seen[ak] = key
-        _dtype_name(t, key)
-        stored[key] = t.detach().to("cpu").contiguous()
+        stored[key] = _dense_cpu(t, key, detach)
     return stored, aliases
 
 
@@ -143,6 +188,9 @@ class _Checksum:
     def result(self) -> str:
         self._thread.join()
         return f"{self._crc:08x}"
+
+
+_DIGEST_PREFIX = b'{"__metadata__":{"ckptio.crc32":"'
 
 
 @dataclass
@@ -170,9 +218,12 @@ def write_safetensors(
             shutil.copyfileobj(spool, f, _CHUNK)
         return result
     stored, aliases = _prepare(tensors, detach)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta["ckptio.format"] = FORMAT_VERSION
-    meta["ckptio.crc32"] = "00000000"
+    user_meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    reserved = sorted(_WRITER_KEYS & user_meta.keys())
+    if reserved:
+        raise CheckpointFormatError(f"metadata keys {reserved} are written by ckptio itself and cannot be set")
+    # the digest is the first metadata entry, so its place in the header is known without searching
+    meta = {"ckptio.crc32": "00000000", **user_meta, "ckptio.format": FORMAT_VERSION}
     if aliases:
         meta["ckptio.aliases"] = json.dumps(aliases)
     order = sorted(stored, key=lambda k: -stored[k].element_size())
@@ -188,8 +239,13 @@ def write_safetensors(
         header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": list(offsets[key])}
     hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     hbytes += b" " * (-len(hbytes) % 8)
-    marker = b'"ckptio.crc32":"'
-    digest_at = 8 + hbytes.index(marker) + len(marker)
+    if len(hbytes) > MAX_HEADER_BYTES:
+        raise CheckpointFormatError(
+            f"header of {len(hbytes)} bytes exceeds the {MAX_HEADER_BYTES}-byte safetensors limit ({len(stored)} tensors)"
+        )
+    digest_at = 8 + len(_DIGEST_PREFIX)
+    if hbytes[: len(_DIGEST_PREFIX)] != _DIGEST_PREFIX:  # json.dumps keeps insertion order; check anyway
+        raise AssertionError("ckptio.crc32 is not where the writer put it")
     start = f.tell()
     f.write(struct.pack("<Q", len(hbytes)) + hbytes)
     chunks = [
@@ -231,6 +287,23 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _not_json(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
+def _empty(shape: Any, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    # a view of an empty tensor, as the reference makes it: torch.empty refuses some shapes a view accepts
+    return torch.empty(0, dtype=dtype, device=device).view(shape)
+
+
+def _check_empty_shape(key: str, shape: list[int], dtype: torch.dtype, bad: Any) -> None:
+    """A zero-element tensor can still have dims torch cannot represent (strides past int64)."""
+    try:
+        _empty(shape, dtype, "meta")
+    except (RuntimeError, TypeError, OverflowError, ValueError):
+        raise bad(f"tensor {key!r} has shape {shape}, which torch cannot represent") from None
+
+
 def read_header(f: IO[bytes], file_size: int, source: str) -> SafetensorsHeader:
     """Read and validate a safetensors header; checks offsets against the file length (no data pass)."""
 
@@ -253,42 +326,48 @@ def read_header(f: IO[bytes], file_size: int, source: str) -> SafetensorsHeader:
         raise bad("file ended inside the header")
     try:
         text = hbytes.decode("utf-8")
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_not_json)
     except CorruptCheckpointError as e:
         raise bad(str(e)) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise bad(f"header is not valid UTF-8 JSON: {e}") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    if "\\u" in text:  # only \u escapes can smuggle lone surrogates past the UTF-8 decode
+        try:
+            json.dumps(header, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad("header holds a lone surrogate (\\ud800-\\udfff escape): not valid UTF-8") from None
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # absent or null: the reference accepts both
+        metadata = {}
+    elif type(metadata) is not dict or not all(type(v) is str for v in metadata.values()):
         raise bad("__metadata__ must map strings to strings")
     data_size = file_size - 8 - n
     entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
     spans: list[tuple[int, int, str]] = []
-    escaped = "\\u" in text  # only \u escapes can smuggle lone surrogates past the UTF-8 decode
     # exact type checks instead of isinstance/all(): this loop is most of the cost of opening a checkpoint
     for key, e in header.items():
-        if escaped:
-            try:
-                key.encode("utf-8")
-            except UnicodeEncodeError:
-                raise bad(f"tensor name {key!r} is not valid UTF-8") from None
         if type(e) is not dict:
             raise bad(f"entry for {key!r} is not an object")
         name, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
         dtype = _DTYPES.get(name) if type(name) is str else None
         if dtype is None:
+            if type(name) is str and name in _UNSUPPORTED_DTYPES:
+                raise CheckpointFormatError(f"{source}: tensor {key!r} has dtype {name}, which ckptio does not support")
             raise bad(f"tensor {key!r} has unknown dtype {name!r}")
         numel = 1
         if type(shape) is list:
             for d in shape:
-                if type(d) is not int or d < 0:
+                # the reference multiplies dims in order and refuses a product past 64 bits; torch needs int64 dims
+                if type(d) is not int or not 0 <= d <= _INT64_MAX or numel * d >= _U64_LIMIT:
                     numel = -1
                     break
                 numel *= d
         if numel < 0 or type(shape) is not list:
             raise bad(f"tensor {key!r} has invalid shape {shape!r}")
+        if numel == 0 and len(shape) > 1:
+            _check_empty_shape(key, shape, dtype, bad)
         if type(offs) is not list or len(offs) != 2:
             raise bad(f"tensor {key!r} has invalid data_offsets {offs!r}")
         begin, end = offs
@@ -320,42 +399,26 @@ def read_header(f: IO[bytes], file_size: int, source: str) -> SafetensorsHeader:
 
 
 class _Views:
-    """Tensors over one buffer: one typed base per dtype, each tensor a single as_strided view of it."""
+    """Tensors over one buffer (a private file mapping, or the data read into memory).
 
-    def __init__(self, buf: Any, base: int, size: int):
-        self.buf, self.base, self.size = buf, base, size
-        self.typed: dict[torch.dtype, torch.Tensor | None] = {}
+    Each tensor gets a storage of exactly its own bytes: pickling a loaded tensor (``torch.save``)
+    then writes only those bytes, and tensors of different dtypes never share a storage.
+    """
+
+    def __init__(self, buf: Any, base: int):
+        self.buf, self.base = buf, base
 
     def get(self, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
-        typed = self.typed.get(dtype)
-        if typed is not None and begin != end and not begin % typed.element_size():
-            # the common case, kept to one torch call: a checkpoint opens by making hundreds of these
-            strides, acc = [], 1
-            for d in reversed(shape):
-                strides.append(acc)
-                acc *= d
-            return typed.as_strided(shape, strides[::-1], begin // typed.element_size())
         if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        itemsize = dtype.itemsize
-        if (self.base + begin) % itemsize:  # files from other writers may misalign: copy, never a bad pointer
-            raw = torch.frombuffer(self.buf, dtype=torch.uint8, count=end - begin, offset=self.base + begin).clone()
+            return _empty(shape, dtype)
+        at = self.base + begin
+        if at % dtype.itemsize:  # files from other writers may misalign: copy, never a bad pointer
+            raw = torch.frombuffer(self.buf, dtype=torch.uint8, count=end - begin, offset=at).clone()
             return raw.view(dtype).view(shape)
-        if dtype not in self.typed:
-            aligned = self.base % itemsize == 0
-            self.typed[dtype] = (
-                torch.frombuffer(self.buf, dtype=dtype, count=self.size // itemsize, offset=self.base)
-                if aligned
-                else None
-            )
-            if aligned:
-                return self.get(dtype, shape, begin, end)
-        return torch.frombuffer(self.buf, dtype=dtype, count=(end - begin) // itemsize, offset=self.base + begin).view(
-            shape
-        )
+        return torch.frombuffer(self.buf, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=at).view(shape)
 
 
-def _file_size(f: IO[bytes]) -> int:
+def file_size(f: IO[bytes]) -> int:
     try:
         return os.fstat(f.fileno()).st_size
     except (AttributeError, OSError, io.UnsupportedOperation):
@@ -372,7 +435,7 @@ def read_safetensors(f: IO[bytes], source: str, *, mmap_file: bool = True) -> tu
     only the header, pages load on first touch, processes share the page cache, and writes to a
     tensor never reach the file. Otherwise the data section is read into one buffer.
     """
-    size = _file_size(f)
+    size = file_size(f)
     hdr = read_header(f, size, source)
     if mmap_file and hasattr(f, "fileno") and size > 0:
         buf: Any = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -400,7 +463,7 @@ def read_safetensors(f: IO[bytes], source: str, *, mmap_file: bool = True) -> tu
             ok = False
         if not ok:
             raise CorruptCheckpointError(f"{source}: invalid ckptio.aliases metadata: {raw[:200]!r}")
-    return LazyTensors(_Views(buf, base, size - hdr.data_start), hdr.entries, aliases), hdr.metadata
+    return LazyTensors(_Views(buf, base), hdr.entries, aliases), hdr.metadata
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):
@@ -438,7 +501,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
 def verify_safetensors(f: IO[bytes], source: str) -> None:
     """Full check: header and offsets, then the CRC-32 of the data section against the header's."""
-    size = _file_size(f)
+    size = file_size(f)
     hdr = read_header(f, size, source)
     expected = hdr.metadata.get("ckptio.crc32")
     if expected is None:
@@ -464,6 +527,23 @@ def verify_safetensors(f: IO[bytes], source: str) -> None:
 # legacy .pt
 
 
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _printable(text: str) -> str:
+    """Text without terminal escape sequences or control characters (error messages reach terminals)."""
+    return _ESCAPES.sub("", text)
+
+
+def _unpickling_reason(error: BaseException) -> str:
+    """The weights-only unpickler's own reason, without torch's advice to load untrusted code."""
+    text = _printable(str(error)).split("Check the documentation")[0]
+    _, marker, reason = text.partition("WeightsUnpickler error:")
+    if not marker:  # torch words some refusals without that prefix: the last paragraph is the reason
+        reason = next((p for p in reversed(text.split("\n\n")) if p.strip()), type(error).__name__)
+    return " ".join(reason.split()).split(" was not an allowed global")[0][:200]
+
+
 def save_pt(f: IO[bytes], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """torch.save a plain structure (state dict + string metadata) that weights_only loading accepts."""
     state = {k: v.detach().to("cpu") for k, v in tensors.items()}
@@ -482,20 +562,23 @@ def load_pt(
     try:
         obj = torch.load(target, **kwargs)
     except pickle.UnpicklingError as e:
+        reason = _unpickling_reason(e)
+        if "GLOBAL" not in reason:  # only a pickle that imports something is a security matter; else garbage
+            raise CorruptCheckpointError(f"{source}: not a readable torch.save file: {reason}") from None
         raise CheckpointSecurityError(
-            f"{source}: refused to unpickle objects other than tensors and plain containers "
-            f"({str(e).splitlines()[0][:200]}). If this is a whole pickled module from a source you trust, "
-            "load it with trusted=True; better, convert it to safetensors once."
+            f"{source}: refused to unpickle objects other than tensors and plain containers ({reason}). "
+            "If this is a whole pickled module from a source you trust, load it with trusted=True; "
+            "better, convert it to safetensors once."
         ) from None
-    except RuntimeError as e:
-        if mmap_file and kwargs.get("mmap") and "mmap" in str(e):  # old non-zip .pt files cannot be mapped
-            f.seek(0)
-            return load_pt(f, source, trusted=trusted, mmap_file=False)
-        raise CorruptCheckpointError(f"{source}: not a readable torch.save file: {e}") from None
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{source}: file vanished while opening it") from None
-    except (EOFError, ValueError, OSError, struct.error) as e:
-        raise CorruptCheckpointError(f"{source}: not a readable torch.save file: {e}") from None
+    except Exception as e:  # torch.load fails on garbage with anything: KeyError, IndexError, EOFError...
+        if mmap_file and kwargs.get("mmap") and "mmap can only be used" in str(e):  # old non-zip .pt files
+            f.seek(0)
+            return load_pt(f, source, trusted=trusted, mmap_file=False)
+        raise CorruptCheckpointError(
+            f"{source}: not a readable torch.save file: {type(e).__name__}: {_printable(str(e))[:200]}"
+        ) from None
     if isinstance(obj, torch.nn.Module):
         return obj, {}
     metadata: dict[str, str] = {}

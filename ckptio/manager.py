@@ -6,7 +6,9 @@ No rank logic lives here: the Checkpointer decides who calls what.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import posixpath
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -17,18 +19,30 @@ import torch
 from .architecture import architecture_to_json
 from .artifact import MockArchitecture, PolicyArtifact
 from .cache import NodeCache
-from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError
+from .errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    save_failed,
+)
+from .formats import verify_safetensors
 from .policy_io import (
-    LEGACY_ARCH_SUFFIX,
     MANIFEST_NAME,
-    METRICS_SUFFIX,
-    TRAINER_SUFFIX,
     WEIGHT_EXTENSIONS,
     CheckpointName,
+    SavedCheckpoint,
+    Sidecars,
     checkpoint_base,
+    epoch_of,
+    files_of,
     load_checkpoint,
+    open_weights,
     parse_checkpoint_name,
+    read_metadata,
     read_metrics,
+    read_trainer_state,
     read_weights,
     sanitize_run_name,
     state_dict_of,
@@ -48,6 +62,8 @@ __all__ = [
     "select_checkpoints",
     "verify",
 ]
+
+log = logging.getLogger("ckptio")
 
 CHECKPOINTS_DIR = "checkpoints"
 _LATEST_RETRIES = 5
@@ -69,39 +85,45 @@ class CheckpointInfo:
         return self.name.rsplit(".", 1)[0]
 
 
-def _scan(storage: Storage) -> list[CheckpointInfo]:
-    """Committed checkpoints in a directory, oldest first; one per epoch, safetensors preferred."""
-    by_epoch: dict[int, CheckpointName] = {}
-    for name in storage.listdir():
+def _scan(storage: Storage, listing: list[str] | None = None) -> list[CheckpointInfo]:
+    """Committed checkpoints in a directory, by epoch (then run name); one per run and epoch, safetensors preferred."""
+    chosen: dict[tuple[int, str], CheckpointName] = {}
+    for name in storage.listdir() if listing is None else listing:
         if is_temporary(name) or name.startswith("."):
             continue
         parsed = parse_checkpoint_name(name)
-        if parsed is not None and (parsed.epoch not in by_epoch or parsed > by_epoch[parsed.epoch]):
-            by_epoch[parsed.epoch] = parsed
+        if parsed is not None:
+            key = (parsed.epoch, parsed.run)
+            if key not in chosen or parsed > chosen[key]:
+                chosen[key] = parsed
     return [
         CheckpointInfo(
             uri=storage.url(n.filename), name=n.filename, epoch=n.epoch, format=n.fmt, run=n.run, storage=storage
         )
-        for n in (by_epoch[e] for e in sorted(by_epoch))
+        for n in (chosen[k] for k in sorted(chosen))
     ]
 
 
 def _checkpoint_dir(storage: Storage) -> Storage:
     """A run directory means its checkpoints/ folder; any other directory means itself."""
-    if storage.fs.isdir(storage.path(CHECKPOINTS_DIR)):
+    if storage.kind(CHECKPOINTS_DIR) == "directory":
         return Storage(storage.url(CHECKPOINTS_DIR), storage.storage_options)
     return storage
 
 
 def resolve(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Storage, str | None]:
-    """(directory storage, weights file name) for a file URI; (checkpoint directory, None) for a directory."""
+    """(directory storage, weights file name) for a file URI; (checkpoint directory, None) for a directory.
+
+    Not found is CheckpointNotFoundError; an unreachable store is StorageError, never "not found".
+    """
     opts = dict(storage_options or {})
     stripped = uri.rstrip("/")
     if stripped.endswith(WEIGHT_EXTENSIONS):
         directory, name = posixpath.split(stripped)
         return Storage(directory or ".", opts), name
     storage = Storage(stripped or "/", opts)
-    if storage.fs.isdir(storage.root):
+    kind = storage.kind()
+    if kind == "directory" or (kind is None and not storage.is_local and storage.listdir()):
         return _checkpoint_dir(storage), None
     directory, base = posixpath.split(stripped)
     parent = Storage(directory or ".", opts)
@@ -134,18 +156,38 @@ def _metric_value(metrics: Mapping[str, Any] | None, metric: str) -> float | Non
     return float(value)
 
 
-def _best(infos: list[CheckpointInfo], metric: str | None, mode: str, count: int) -> list[CheckpointInfo]:
+def checkpoint_metrics(info: CheckpointInfo) -> dict[str, Any] | None:
+    """The training metrics saved with a checkpoint (None if saved without)."""
+    return read_metrics(info.storage, info.name)
+
+
+def _best(
+    infos: list[CheckpointInfo], metric: str | None, mode: str, count: int, *, strict: bool = True
+) -> list[CheckpointInfo]:
     if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        raise InvalidArgumentError(f"mode must be 'max' or 'min', got {mode!r}")
+    if type(count) is not int or count < 1:
+        raise InvalidArgumentError(f"count must be an int >= 1, got {count!r}")
     if metric is None:
-        ranked = sorted(infos, key=lambda i: i.epoch, reverse=True)
-    else:
-        scored = [(v, i) for i in infos if (v := _metric_value(read_metrics(i.storage, i.base), metric)) is not None]
-        # ties go to the newer checkpoint
-        ranked = [
-            i for _, i in sorted(scored, key=lambda s: (s[0] if mode == "max" else -s[0], s[1].epoch), reverse=True)
-        ]
-    return ranked[:count]
+        return sorted(infos, key=lambda i: i.epoch, reverse=True)[:count]
+    scored = []
+    for info in infos:
+        try:
+            value = _metric_value(checkpoint_metrics(info), metric)
+        except CheckpointNotFoundError:
+            continue  # deleted since it was listed
+        except CorruptCheckpointError as e:
+            if strict:
+                raise
+            log.warning("ranking by %r: ignoring %s (%s)", metric, info.uri, e)
+            continue
+        if value is not None:
+            scored.append((value, info))
+    if infos and not scored and strict:
+        raise InvalidArgumentError(f"no checkpoint has a numeric training metric {metric!r} ({len(infos)} checked)")
+    # ties go to the newer checkpoint
+    ranked = sorted(scored, key=lambda s: (s[0] if mode == "max" else -s[0], s[1].epoch), reverse=True)
+    return [i for _, i in ranked[:count]]
 
 
 def select_checkpoints(
@@ -205,19 +247,28 @@ def convert(src: str, dst: str, *, trusted: bool = False, storage_options: Mappi
     storage = Storage(directory or ".", dict(storage_options or {}))
     base, fmt = name.rsplit(".", 1)
     arch = artifact.policy_architecture
-    return write_checkpoint(
-        storage,
-        base,
-        state,
-        architecture_json=architecture_to_json(arch) if arch is not None else None,
-        epoch=artifact.epoch,
-        training_metrics=artifact.training_metrics,
-        checkpoint_format=fmt,
-    )
+    try:
+        return write_checkpoint(
+            storage,
+            base,
+            state,
+            architecture_json=architecture_to_json(arch) if arch is not None else None,
+            epoch=artifact.epoch,
+            training_metrics=artifact.training_metrics,
+            checkpoint_format=fmt,
+        ).uri
+    except (CheckpointFormatError, InvalidArgumentError):
+        raise
+    except Exception as e:
+        raise save_failed(storage.url(name), "converting " + src, e) from e
 
 
 class CheckpointManager:
-    """Saves, finds, loads and prunes the checkpoints of one run under ``{run_dir}/checkpoints``."""
+    """Saves, finds, loads and prunes the checkpoints of one run under ``{run_dir}/checkpoints``.
+
+    Listing, ``latest`` and retention concern this run's name only: several runs may share a
+    directory without one pruning or resuming from the other's checkpoints.
+    """
 
     def __init__(
         self,
@@ -231,21 +282,32 @@ class CheckpointManager:
     ):
         if checkpoint_format not in ("safetensors", "pt"):
             raise CheckpointFormatError(f"unknown checkpoint_format {checkpoint_format!r} (use 'safetensors' or 'pt')")
-        if keep_last is not None and keep_last < 1:
-            raise ValueError("keep_last must be >= 1 (the newest checkpoint is never deleted)")
-        if keep_best is not None and (len(keep_best) != 3 or keep_best[1] not in ("max", "min") or keep_best[2] < 1):
-            raise ValueError("keep_best must be (metric, 'max'|'min', count >= 1)")
+        if keep_last is not None and (type(keep_last) is not int or keep_last < 1):
+            raise InvalidArgumentError(
+                f"keep_last must be an int >= 1 (the newest checkpoint is never deleted), got {keep_last!r}"
+            )
+        if keep_best is not None and (
+            len(keep_best) != 3
+            or keep_best[1] not in ("max", "min")
+            or type(keep_best[2]) is not int
+            or keep_best[2] < 1
+        ):
+            raise InvalidArgumentError(f"keep_best must be (metric, 'max'|'min', count >= 1), got {keep_best!r}")
         self.storage_options = dict(storage_options or {})
         root = run_dir_or_uri.rstrip("/")
         if posixpath.basename(root) == CHECKPOINTS_DIR:
             root = posixpath.dirname(root)
         self.run_storage = Storage(root, self.storage_options)
         self.storage = Storage(self.run_storage.url(CHECKPOINTS_DIR), self.storage_options)
+        for where in (self.run_storage, self.storage):
+            if where.is_local and os.path.exists(where.root) and not os.path.isdir(where.root):
+                raise CheckpointFormatError(f"{where.root}: is a file, not a run directory")
         self.run_name = sanitize_run_name(run_name or posixpath.basename(self.run_storage.root) or "run")
         self.checkpoint_format = checkpoint_format
         self.keep_last = keep_last
         self.keep_best = keep_best
         self._cleaned = False
+        self._last_saved: str | None = None  # retention never deletes this process's newest save
 
     @property
     def checkpoint_dir(self) -> str:
@@ -253,6 +315,52 @@ class CheckpointManager:
 
     def base_name(self, epoch: int) -> str:
         return checkpoint_base(self.run_name, epoch)
+
+    def save_checkpoint(
+        self,
+        policy: torch.nn.Module | Mapping[str, torch.Tensor],
+        epoch: int,
+        training_metrics: Mapping[str, Any] | None = None,
+        *,
+        policy_architecture: Any = None,
+        trainer_state: tuple[Mapping[str, torch.Tensor], Mapping[str, str]] | None = None,
+        protect: Iterable[str] = (),
+        prune: bool = True,
+    ) -> SavedCheckpoint:
+        """Write the checkpoint for ``epoch`` atomically, then apply retention; returns what it committed.
+
+        A failure raises CheckpointSaveError (also an OSError when the cause is one); what was
+        committed before stays as it was.
+        """
+        base = self.base_name(epoch)
+        state = state_dict_of(policy)
+        arch_json = architecture_to_json(policy_architecture) if policy_architecture is not None else None
+        step = "writing"
+        try:
+            if not self._cleaned:
+                step = "removing what crashed writers left"
+                self.storage.clean_temporaries()
+                self._cleaned = True
+            step = "writing"
+            saved = write_checkpoint(
+                self.storage,
+                base,
+                state,
+                architecture_json=arch_json,
+                epoch=epoch,
+                training_metrics=training_metrics,
+                trainer_state=trainer_state,
+                checkpoint_format=self.checkpoint_format,
+            )
+            self._last_saved = saved.weights
+            if prune:
+                step = "applying retention"
+                self.prune(protect=protect)
+        except (CheckpointFormatError, InvalidArgumentError):
+            raise
+        except Exception as e:
+            raise save_failed(self.storage.url(f"{base}.{self.checkpoint_format}"), step, e) from e
+        return saved
 
     def save_agent(
         self,
@@ -266,30 +374,26 @@ class CheckpointManager:
         prune: bool = True,
     ) -> str:
         """Write the checkpoint for ``epoch`` atomically, then apply retention; returns its URI."""
-        if not self._cleaned:
-            self.storage.clean_temporaries()
-            self._cleaned = True
-        uri = write_checkpoint(
-            self.storage,
-            self.base_name(epoch),
-            state_dict_of(policy),
-            architecture_json=architecture_to_json(policy_architecture) if policy_architecture is not None else None,
-            epoch=epoch,
-            training_metrics=training_metrics,
+        return self.save_checkpoint(
+            policy,
+            epoch,
+            training_metrics,
+            policy_architecture=policy_architecture,
             trainer_state=trainer_state,
-            checkpoint_format=self.checkpoint_format,
-        )
-        if prune:
-            self.prune(protect=protect)
-        return uri
+            protect=protect,
+            prune=prune,
+        ).uri
 
     def list_checkpoints(self, uri: str | None = None) -> list[CheckpointInfo]:
-        return _scan(self.storage) if uri is None else list_checkpoints(uri, self.storage_options)
+        """This run's checkpoints, oldest first (any directory's, all runs, when ``uri`` is given)."""
+        if uri is not None:
+            return list_checkpoints(uri, self.storage_options)
+        return [i for i in _scan(self.storage) if i.run == self.run_name]
 
     def latest(self, uri: str | None = None) -> CheckpointInfo:
         found = self.list_checkpoints(uri)
         if not found:
-            raise CheckpointNotFoundError(f"{uri or self.checkpoint_dir}: no checkpoints in this directory")
+            raise CheckpointNotFoundError(f"{uri or self.checkpoint_dir}: no checkpoints of run {self.run_name!r}")
         return found[-1]
 
     def select_checkpoints(
@@ -300,65 +404,80 @@ class CheckpointManager:
     def load_from_uri(self, uri: str | None = None, policy_architecture: Any = None, **kwargs: Any) -> PolicyArtifact:
         """Load a checkpoint (default: this run's latest)."""
         kwargs.setdefault("storage_options", self.storage_options)
-        return load_from_uri(uri or self.checkpoint_dir, policy_architecture, **kwargs)
+        if uri is None:
+            for attempt in range(_LATEST_RETRIES):  # pruned between listing and opening: list again
+                info = self.latest()
+                try:
+                    return load_from_uri(info.uri, policy_architecture, **kwargs)
+                except CheckpointNotFoundError:
+                    if attempt == _LATEST_RETRIES - 1:
+                        raise
+        return load_from_uri(uri, policy_architecture, **kwargs)
 
     def read_trainer_state(
         self, info: CheckpointInfo, cache: NodeCache | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-        name = info.base + TRAINER_SUFFIX
-        if not info.storage.exists(name):
-            return None
-        local = None if info.storage.is_local else (cache or NodeCache()).fetch(info.storage, name)
-        tensors, meta = read_weights(info.storage, name, mmap=False, local_path=local)
-        assert isinstance(tensors, Mapping)
-        return tensors, meta
+        """The trainer state saved with a checkpoint (digest checked); None if it was saved without."""
+        local = None if info.storage.is_local else (cache or NodeCache()).fetch(info.storage, info.name)
+        metadata = read_metadata(info.storage, info.name, local_path=local)
+        return read_trainer_state(info.storage, info.name, metadata, cache=cache)
 
     def retained(self, infos: list[CheckpointInfo], protect: Iterable[str] = ()) -> set[str]:
-        """Names retention keeps: the newest, the last N, the best k, and anything protected."""
+        """Names retention keeps: the newest, the last N, the best k, this process's last save, anything protected."""
         if not infos:
             return set()
         keep = {infos[-1].name} | set(protect)
+        if self._last_saved is not None:
+            keep.add(self._last_saved)
         if self.keep_last is None and self.keep_best is None:
             return {i.name for i in infos}
         if self.keep_last is not None:
             keep |= {i.name for i in infos[-self.keep_last :]}
         if self.keep_best is not None:
             metric, mode, k = self.keep_best
-            keep |= {i.name for i in _best(infos, metric, mode, k)}
+            keep |= {i.name for i in _best(infos, metric, mode, k, strict=False)}
         return keep
 
     def prune(self, protect: Iterable[str] = ()) -> list[str]:
-        """Delete checkpoints retention does not keep (weights first, so each vanishes at once)."""
-        infos = _scan(self.storage)
+        """Delete this run's checkpoints that retention does not keep; returns their URIs."""
+        listing = self.storage.listdir()
+        infos = [i for i in _scan(self.storage, listing) if i.run == self.run_name]
         keep = self.retained(infos, protect)
         deleted = []
         for info in infos:
             if info.name in keep:
                 continue
-            self.delete(info)
+            self.delete(info, listing)
             deleted.append(info.uri)
         return deleted
 
-    def delete(self, info: CheckpointInfo) -> None:
+    def delete(self, info: CheckpointInfo, listing: list[str] | None = None) -> None:
+        """Delete a checkpoint: its weights first (it vanishes at once), then every other file of it."""
         info.storage.delete(info.name)
-        for suffix in (*WEIGHT_EXTENSIONS, METRICS_SUFFIX, TRAINER_SUFFIX, LEGACY_ARCH_SUFFIX):
-            info.storage.delete(info.base + suffix)
+        names = files_of(info.base, info.storage.listdir() if listing is None else listing)
+        names.sort(key=lambda n: not n.endswith(WEIGHT_EXTENSIONS))
+        for name in names:
+            if name != info.name:
+                info.storage.delete(name)
 
 
-def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Describe a checkpoint without importing its architecture: format, epoch, tensors, bytes, metrics."""
+def _locate(uri: str, storage_options: Mapping[str, Any] | None) -> tuple[Storage, str]:
+    """(storage, weights name) of a file URI, or of a directory's latest checkpoint."""
     storage, name = resolve(uri, storage_options)
     if name is None:
         info = latest(storage.url(), storage_options)
         storage, name = info.storage, info.name
+    return storage, name
+
+
+def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Describe a checkpoint without importing its architecture: format, epoch, tensors, bytes, metrics."""
+    storage, name = _locate(uri, storage_options)
     obj, metadata = read_weights(storage, name, mmap=None)
     tensors = state_dict_of(obj)
     arch_raw = metadata.get("ckptio.architecture")
     if arch_raw is None and storage.exists(MANIFEST_NAME):
         arch_raw = storage.read_bytes(MANIFEST_NAME).decode("utf-8", "replace")
-    base = name.rsplit(".", 1)[0]
-    parsed = parse_checkpoint_name(name)
-    epoch = metadata.get("ckptio.epoch")
     unique = {id(t): t for t in tensors.values()}
     dtypes: dict[str, int] = {}
     for t in tensors.values():
@@ -370,27 +489,88 @@ def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = Non
     return {
         "uri": storage.url(name),
         "format": name.rsplit(".", 1)[1],
-        "epoch": int(epoch) if epoch and epoch.isdigit() else (parsed.epoch if parsed else None),
+        "epoch": epoch_of(name, metadata),
         "tensor_count": len(tensors),
         "total_bytes": sum(t.numel() * t.element_size() for t in unique.values()),
         "dtypes": dtypes,
-        "metrics": read_metrics(storage, base),
+        "metrics": read_metrics(storage, name, metadata),
         "architecture": architecture,
         "digest": metadata.get("ckptio.crc32"),
-    }
+        "files": [storage.url(n) for n in [*Sidecars.of(name.rsplit(".", 1)[0], metadata, name).names(), name]
+                  if storage.exists(n)],
+    }  # fmt: skip
 
 
-def verify(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[tuple[str, str | None]]:
-    """Fully verify a file, or every checkpoint in a directory: [(uri, error message or None)]."""
+@dataclass(frozen=True)
+class VerifyResult:
+    """One file's verdict: ``ok`` (digest matches), ``bad`` (damaged or missing) or ``unverified`` (no digest)."""
+
+    uri: str
+    status: str
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "bad"
+
+
+def _verify_weights(storage: Storage, name: str) -> tuple[VerifyResult, dict[str, str] | None]:
+    uri = storage.url(name)
+    if not name.endswith(".safetensors"):  # .pt has no digest: a full load is the check
+        try:
+            metadata = read_weights(storage, name, mmap=False)[1]
+        except CheckpointError as e:
+            return VerifyResult(uri, "bad", _detail(e, uri)), None
+        return VerifyResult(uri, "unverified", "loads, but .pt files carry no digest"), metadata
+    try:
+        with open_weights(storage, name) as f:
+            verify_safetensors(f, uri)
+        return VerifyResult(uri, "ok"), read_metadata(storage, name)
+    except CorruptCheckpointError as e:
+        if "no ckptio.crc32 digest" in str(e):
+            return VerifyResult(uri, "unverified", "header and offsets valid; no digest to check contents"), (
+                read_metadata(storage, name)
+            )
+        return VerifyResult(uri, "bad", _detail(e, uri)), None
+    except CheckpointError as e:
+        return VerifyResult(uri, "bad", _detail(e, uri)), None
+
+
+def _detail(error: BaseException, uri: str) -> str:
+    """The error message without the file name it starts with (the caller prints the name once)."""
+    text = str(error)
+    return text[len(uri) + 2 :] if text.startswith(uri + ": ") else text
+
+
+def verify_checkpoint(storage: Storage, name: str) -> list[VerifyResult]:
+    """Verify every file of one checkpoint: weights, metrics and trainer state, each against its digest."""
+    weights, metadata = _verify_weights(storage, name)
+    results = [weights]
+    if metadata is None:
+        return results
+    sidecars = Sidecars.of(name.rsplit(".", 1)[0], metadata, weights.uri)
+    if sidecars.metrics is not None and (sidecars.declared or storage.exists(sidecars.metrics)):
+        uri = storage.url(sidecars.metrics)
+        try:
+            read_metrics(storage, name, metadata)
+            status = "ok" if sidecars.metrics_crc32 else "unverified"
+            results.append(VerifyResult(uri, status, "" if sidecars.metrics_crc32 else "valid JSON; no digest"))
+        except CheckpointError as e:
+            results.append(VerifyResult(uri, "bad", _detail(e, uri)))
+    if sidecars.trainer is not None and (sidecars.declared or storage.exists(sidecars.trainer)):
+        uri = storage.url(sidecars.trainer)
+        try:
+            read_trainer_state(storage, name, metadata, verify=True)
+            results.append(VerifyResult(uri, "ok"))
+        except CheckpointError as e:
+            results.append(VerifyResult(uri, "bad", _detail(e, uri)))
+    return results
+
+
+def verify(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[VerifyResult]:
+    """Fully verify a checkpoint file, or every checkpoint in a directory: one result per file."""
     storage, name = resolve(uri, storage_options)
     names = [name] if name is not None else [i.name for i in _scan(storage)]
     if not names:
         raise CheckpointNotFoundError(f"{uri}: no checkpoints in this directory")
-    results: list[tuple[str, str | None]] = []
-    for n in names:
-        try:
-            read_weights(storage, n, verify=True)
-            results.append((storage.url(n), None))
-        except CheckpointError as e:
-            results.append((storage.url(n), str(e)))
-    return results
+    return [r for n in names for r in verify_checkpoint(storage, n)]

@@ -1,15 +1,21 @@
 """One checkpoint on storage: its file names, and saving/loading its weights and sidecars.
 
-A checkpoint ``{run}.e{epoch:08d}`` consists of the weights ``.safetensors`` (or ``.pt``) and
-optional sidecars ``.metrics.json`` and ``.trainer.safetensors``. Sidecars are written first and
-the weights last, so a checkpoint exists exactly when its weights file does.
+A checkpoint ``{run}.e{epoch:08d}`` is the weights file (``.safetensors`` or ``.pt``) and optional
+sidecars, named per save: ``{base}.{save_id}.metrics.json`` and ``{base}.{save_id}.trainer.safetensors``.
+Sidecars are written first and the weights last; the weights header names its sidecars (and the
+metrics' CRC-32), so renaming the weights file into place commits the whole checkpoint at once. A
+re-save of the same epoch writes new sidecar names, commits, then removes the previous save's
+files: a reader sees the old checkpoint or the new one, never a mix. Files written before sidecars
+were named per save (``{base}.metrics.json``, ``{base}.trainer.safetensors``) still load.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 import re
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
@@ -19,13 +25,30 @@ import torch
 from .architecture import architecture_from_json, architecture_to_json
 from .artifact import PolicyArtifact
 from .cache import NodeCache
-from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, CorruptCheckpointError
-from .formats import load_pt, read_safetensors, save_pt, verify_safetensors, write_safetensors
+from .errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+)
+from .formats import (
+    MAX_HEADER_BYTES,
+    crc32_hex,
+    file_size,
+    load_pt,
+    read_header,
+    read_safetensors,
+    save_pt,
+    verify_safetensors,
+    write_safetensors,
+)
 from .storage import Storage, is_network_filesystem
 
 __all__ = [
     "MANIFEST_NAME",
     "CheckpointName",
+    "Sidecars",
     "checkpoint_base",
     "load_policy_artifact",
     "parse_checkpoint_name",
@@ -41,12 +64,17 @@ METRICS_SUFFIX = ".metrics.json"
 TRAINER_SUFFIX = ".trainer.safetensors"
 LEGACY_ARCH_SUFFIX = ".policyarchitecture"
 _NAME_RE = re.compile(r"^(?P<run>[A-Za-z0-9_-]+)\.e(?P<epoch>\d+)\.(?P<fmt>safetensors|pt)$")
+# weights-header keys that bind a checkpoint's files together
+SAVE_ID_KEY = "ckptio.save_id"
+METRICS_FILE_KEY = "ckptio.metrics_file"
+METRICS_CRC_KEY = "ckptio.metrics_crc32"
+TRAINER_FILE_KEY = "ckptio.trainer_file"
 
 
 @dataclass(frozen=True, order=True)
 class CheckpointName:
     epoch: int
-    fmt_rank: int  # safetensors sorts after pt, so it wins when both exist for one epoch
+    format_preference: int  # safetensors sorts after pt, so it wins when both exist for one epoch
     run: str
     fmt: str
 
@@ -63,10 +91,15 @@ def sanitize_run_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "run"
 
 
+def check_epoch(epoch: Any) -> int:
+    """``epoch`` itself if it is a non-negative int (not a bool, float or string)."""
+    if type(epoch) is not int or epoch < 0:
+        raise InvalidArgumentError(f"epoch must be a non-negative int, got {epoch!r} ({type(epoch).__name__})")
+    return epoch
+
+
 def checkpoint_base(run: str, epoch: int) -> str:
-    if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch}")
-    return f"{sanitize_run_name(run)}.e{epoch:08d}"
+    return f"{sanitize_run_name(run)}.e{check_epoch(epoch):08d}"
 
 
 def parse_checkpoint_name(filename: str) -> CheckpointName | None:
@@ -74,7 +107,9 @@ def parse_checkpoint_name(filename: str) -> CheckpointName | None:
     if not m:
         return None
     fmt = m["fmt"]
-    return CheckpointName(epoch=int(m["epoch"]), fmt_rank=1 if fmt == "safetensors" else 0, run=m["run"], fmt=fmt)
+    return CheckpointName(
+        epoch=int(m["epoch"]), format_preference=1 if fmt == "safetensors" else 0, run=m["run"], fmt=fmt
+    )
 
 
 def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -103,6 +138,48 @@ def _split(base_path: str, storage_options: Mapping[str, Any] | None) -> tuple[S
     return Storage(directory or ".", dict(storage_options or {})), base
 
 
+@dataclass(frozen=True)
+class Sidecars:
+    """The sidecar files that belong to one saved weights file, as its header names them."""
+
+    metrics: str | None
+    metrics_crc32: str | None
+    trainer: str | None
+    declared: bool  # False for files from before sidecars were named: fixed names, each optional
+
+    @classmethod
+    def of(cls, base: str, metadata: Mapping[str, str], source: str) -> Sidecars:
+        if SAVE_ID_KEY not in metadata:
+            return cls(base + METRICS_SUFFIX, None, base + TRAINER_SUFFIX, declared=False)
+        metrics, trainer = metadata.get(METRICS_FILE_KEY), metadata.get(TRAINER_FILE_KEY)
+        for name in (metrics, trainer):
+            if name is not None and (not name.startswith(base + ".") or "/" in name):
+                raise CorruptCheckpointError(f"{source}: header names sidecar {name!r}, which is not of {base}")
+        return cls(metrics, metadata.get(METRICS_CRC_KEY), trainer, declared=True)
+
+    def names(self) -> list[str]:
+        return [n for n in (self.metrics, self.trainer) if n is not None]
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """What one save committed: the weights URI and every file name, in commit order (weights last)."""
+
+    uri: str
+    names: tuple[str, ...]
+
+    @property
+    def weights(self) -> str:
+        return self.names[-1]
+
+
+def metrics_payload(training_metrics: Mapping[str, Any], base: str) -> bytes:
+    try:
+        return json.dumps(dict(training_metrics), indent=1, sort_keys=True).encode()
+    except (TypeError, ValueError) as e:
+        raise CheckpointFormatError(f"training_metrics for {base} are not JSON-serializable: {e}") from e
+
+
 def write_checkpoint(
     storage: Storage,
     base: str,
@@ -114,28 +191,53 @@ def write_checkpoint(
     trainer_state: tuple[Mapping[str, torch.Tensor], Mapping[str, str]] | None = None,
     checkpoint_format: str = "safetensors",
     detach_buffers: bool = True,
-) -> str:
-    """Write sidecars, then the weights file (the commit point); returns the weights URI."""
+) -> SavedCheckpoint:
+    """Write the sidecars, then the weights file (the commit point), then drop the files it replaced."""
     if checkpoint_format not in ("safetensors", "pt"):
         raise CheckpointFormatError(f"unknown checkpoint_format {checkpoint_format!r} (use 'safetensors' or 'pt')")
-    if training_metrics is not None:
-        try:
-            payload = json.dumps(dict(training_metrics), indent=1, sort_keys=True).encode()
-        except (TypeError, ValueError) as e:
-            raise CheckpointFormatError(f"training_metrics for {base} are not JSON-serializable: {e}") from e
-        storage.write_bytes(base + METRICS_SUFFIX, payload)
-    if trainer_state is not None:
-        tensors, meta = trainer_state
-        storage.write(base + TRAINER_SUFFIX, lambda f: write_safetensors(f, tensors, meta))
-    meta: dict[str, str] = {}
+    save_id = uuid.uuid4().hex[:12]
+    meta: dict[str, str] = {SAVE_ID_KEY: save_id}
     if architecture_json is not None:
         meta["ckptio.architecture"] = json.dumps(architecture_json, sort_keys=True)
     if epoch is not None:
         meta["ckptio.epoch"] = str(epoch)
-    name = f"{base}.{checkpoint_format}"
+    names: list[str] = []
+    payload = metrics_payload(training_metrics, base) if training_metrics is not None else None
+    if payload is not None:
+        name = f"{base}.{save_id}{METRICS_SUFFIX}"
+        storage.write_bytes(name, payload)
+        meta[METRICS_FILE_KEY], meta[METRICS_CRC_KEY] = name, crc32_hex(payload)
+        names.append(name)
+    if trainer_state is not None:
+        tensors, trainer_meta = trainer_state
+        name = f"{base}.{save_id}{TRAINER_SUFFIX}"
+        storage.write(name, lambda f: write_safetensors(f, tensors, {**trainer_meta, SAVE_ID_KEY: save_id}))
+        meta[TRAINER_FILE_KEY] = name
+        names.append(name)
+    weights = f"{base}.{checkpoint_format}"
     if checkpoint_format == "safetensors":
-        return storage.write(name, lambda f: write_safetensors(f, state_dict, meta, detach=detach_buffers))
-    return storage.write(name, lambda f: save_pt(f, state_dict, meta))
+        uri = storage.write(weights, lambda f: write_safetensors(f, state_dict, meta, detach=detach_buffers))
+    else:
+        uri = storage.write(weights, lambda f: save_pt(f, state_dict, meta))
+    names.append(weights)
+    remove_replaced(storage, base, keep=names)
+    return SavedCheckpoint(uri=uri, names=tuple(names))
+
+
+def files_of(base: str, listing: Iterable[str]) -> list[str]:
+    """Every file of checkpoint ``base`` in a directory listing: weights, sidecars of any save, legacy files."""
+    return [n for n in listing if n.startswith(base + ".")]
+
+
+def remove_replaced(storage: Storage, base: str, keep: Iterable[str]) -> list[str]:
+    """After a commit: delete the files of ``base`` the committed save does not name (a previous save's)."""
+    keep = set(keep)
+    stale = [n for n in files_of(base, storage.listdir()) if n not in keep]
+    # other weights first: until they are gone a reader could still pick them
+    stale.sort(key=lambda n: not n.endswith(WEIGHT_EXTENSIONS))
+    for name in stale:
+        storage.delete(name)
+    return stale
 
 
 def save_policy_artifact(
@@ -149,7 +251,7 @@ def save_policy_artifact(
     checkpoint_format: str = "safetensors",
     storage_options: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write ``{base}.safetensors`` (architecture in its header) and ``{base}.metrics.json``; returns the weights URI."""
+    """Write ``{base}.safetensors`` (architecture in its header) and its metrics sidecar; returns the weights URI."""
     storage, base = _split(base_path, storage_options)
     arch_json = architecture_to_json(policy_architecture) if policy_architecture is not None else None
     return write_checkpoint(
@@ -157,25 +259,11 @@ def save_policy_artifact(
         base,
         state_dict_of(policy),
         architecture_json=arch_json,
-        epoch=epoch,
+        epoch=check_epoch(epoch) if epoch is not None else None,
         training_metrics=training_metrics,
         checkpoint_format=checkpoint_format,
         detach_buffers=detach_buffers,
-    )
-
-
-def read_metrics(storage: Storage, base: str) -> dict[str, Any] | None:
-    name = base + METRICS_SUFFIX
-    data = _read_optional(storage, name)
-    if data is None:
-        return None
-    try:
-        metrics = json.loads(data)
-    except ValueError as e:
-        raise CorruptCheckpointError(f"{storage.url(name)}: metrics sidecar is not valid JSON: {e}") from None
-    if not isinstance(metrics, dict):
-        raise CorruptCheckpointError(f"{storage.url(name)}: metrics sidecar is not a JSON object")
-    return metrics
+    ).uri
 
 
 def _read_optional(storage: Storage, name: str) -> bytes | None:
@@ -183,6 +271,79 @@ def _read_optional(storage: Storage, name: str) -> bytes | None:
         return storage.read_bytes(name)
     except CheckpointNotFoundError:
         return None
+
+
+def _sidecar_missing(storage: Storage, weights: str, metadata: Mapping[str, str], sidecar: str) -> CheckpointError:
+    """A named sidecar is gone: the checkpoint was deleted or replaced meanwhile (retry), or it is damaged."""
+    try:
+        current = read_metadata(storage, weights)
+    except CheckpointError:
+        current = None
+    if current is None or current.get(SAVE_ID_KEY) != metadata.get(SAVE_ID_KEY):
+        return CheckpointNotFoundError(
+            f"{storage.url(weights)}: checkpoint was deleted or replaced while it was being read"
+        )
+    return CorruptCheckpointError(
+        f"{storage.url(sidecar)}: missing; the checkpoint {storage.url(weights)} was saved with it"
+    )
+
+
+def read_metrics(storage: Storage, weights: str, metadata: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The training metrics saved with weights file ``weights`` (None if it was saved without)."""
+    if metadata is None:
+        metadata = read_metadata(storage, weights)
+    sidecars = Sidecars.of(weights.rsplit(".", 1)[0], metadata, storage.url(weights))
+    if sidecars.metrics is None:
+        return None
+    data = _read_optional(storage, sidecars.metrics)
+    if data is None:
+        if sidecars.declared:
+            raise _sidecar_missing(storage, weights, metadata, sidecars.metrics)
+        return None
+    source = storage.url(sidecars.metrics)
+    if sidecars.metrics_crc32 is not None and crc32_hex(data) != sidecars.metrics_crc32:
+        raise CorruptCheckpointError(
+            f"{source}: content digest mismatch (crc32 {crc32_hex(data)}, weights header says {sidecars.metrics_crc32})"
+        )
+    try:
+        metrics = json.loads(data)
+    except ValueError as e:
+        raise CorruptCheckpointError(f"{source}: metrics sidecar is not valid JSON: {e}") from None
+    if not isinstance(metrics, dict):
+        raise CorruptCheckpointError(f"{source}: metrics sidecar is not a JSON object")
+    return metrics
+
+
+def read_trainer_state(
+    storage: Storage,
+    weights: str,
+    metadata: Mapping[str, str],
+    *,
+    cache: NodeCache | None = None,
+    verify: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """The trainer-state tensors and metadata saved with ``weights``; None if it was saved without.
+
+    Read eagerly (the optimizer state is copied into the optimizer anyway) and, by default, checked
+    against its digest: a resume must not continue from a damaged optimizer state.
+    """
+    sidecars = Sidecars.of(weights.rsplit(".", 1)[0], metadata, storage.url(weights))
+    name = sidecars.trainer
+    if name is None:
+        return None
+    try:
+        local = None if storage.is_local else (cache or NodeCache()).fetch(storage, name)
+        tensors, meta = read_weights(storage, name, mmap=False, verify=verify, local_path=local)
+    except CheckpointNotFoundError:
+        if sidecars.declared:
+            raise _sidecar_missing(storage, weights, metadata, name) from None
+        return None
+    assert isinstance(tensors, Mapping)
+    if sidecars.declared and meta.get(SAVE_ID_KEY) != metadata.get(SAVE_ID_KEY):
+        raise CorruptCheckpointError(
+            f"{storage.url(name)}: trainer state is not from the save of {storage.url(weights)}"
+        )
+    return dict(tensors), meta
 
 
 def resolve_architecture(
@@ -205,8 +366,8 @@ def resolve_architecture(
     return None
 
 
-def open_weights(storage: Storage, name: str) -> IO[bytes]:
-    path = storage.local_path(name)
+def open_weights(storage: Storage, name: str, local_path: str | None = None) -> IO[bytes]:
+    path = local_path or storage.local_path(name)
     if path is not None:
         try:
             return open(path, "rb")
@@ -215,6 +376,23 @@ def open_weights(storage: Storage, name: str) -> IO[bytes]:
         except IsADirectoryError:
             raise CheckpointFormatError(f"{path}: is a directory, not a checkpoint file") from None
     return storage.open(name, "rb")
+
+
+def read_metadata(storage: Storage, name: str, local_path: str | None = None) -> dict[str, str]:
+    """Header metadata of a weights file: the header alone for safetensors; a weights-only load for .pt."""
+    source = storage.url(name)
+    if name.endswith(".safetensors"):
+        if local_path is None and not storage.is_local:
+            # two ranged reads, never the whole object
+            size = storage.info(name).size
+            head = storage.read_range(name, 0, min(size, 8))
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+                head += storage.read_range(name, 8, 8 + n)
+            return read_header(io.BytesIO(head), size, source).metadata
+        with open_weights(storage, name, local_path) as f:
+            return read_header(f, file_size(f), source).metadata
+    return read_weights(storage, name, local_path=local_path)[1]
 
 
 def read_weights(
@@ -234,8 +412,7 @@ def read_weights(
     path = local_path or storage.local_path(name)
     if mmap is None:
         mmap = path is not None and not is_network_filesystem(path)
-    f = open(local_path, "rb") if local_path else open_weights(storage, name)
-    with f:
+    with open_weights(storage, name, local_path) as f:
         if name.endswith(".safetensors"):
             if verify:
                 verify_safetensors(f, source)
@@ -243,6 +420,14 @@ def read_weights(
         if name.endswith(".pt"):
             return load_pt(f, source, trusted=trusted, mmap_file=mmap and path is not None)
     raise CheckpointFormatError(f"{source}: unknown checkpoint extension (expected .safetensors or .pt)")
+
+
+def epoch_of(name: str, metadata: Mapping[str, str]) -> int | None:
+    epoch_s = metadata.get("ckptio.epoch")
+    if epoch_s and epoch_s.isdigit():
+        return int(epoch_s)
+    parsed = parse_checkpoint_name(name)
+    return parsed.epoch if parsed else None
 
 
 def load_checkpoint(
@@ -256,10 +441,12 @@ def load_checkpoint(
     allow: Iterable[str] = (),
     local_path: str | None = None,
     cache: NodeCache | None = None,
+    with_metrics: bool = True,
 ) -> PolicyArtifact:
     """Load weights file ``name`` in ``storage`` with its sidecars as a PolicyArtifact.
 
-    Remote weights go through the node-local ``cache`` (one download, then a local mmap).
+    Remote weights go through the node-local ``cache`` (one download, then a local mmap). With
+    ``verify``, every file of the checkpoint is checked against its digest first.
     """
     source = storage.url(name)
     if local_path is None and not storage.is_local:
@@ -268,16 +455,16 @@ def load_checkpoint(
     if isinstance(obj, torch.nn.Module):
         return PolicyArtifact(policy=obj, source=source)
     base = name.rsplit(".", 1)[0]
+    metrics = read_metrics(storage, name, metadata) if with_metrics else None
+    if verify:
+        read_trainer_state(storage, name, metadata, cache=cache, verify=True)
     arch = resolve_architecture(storage, base, metadata, policy_architecture, allow)
-    epoch_s = metadata.get("ckptio.epoch")
-    parsed = parse_checkpoint_name(name)
-    epoch = int(epoch_s) if epoch_s and epoch_s.isdigit() else (parsed.epoch if parsed else None)
     return PolicyArtifact(
         policy_architecture=arch,
         state_dict=obj,
-        training_metrics=read_metrics(storage, base),
+        training_metrics=metrics,
         source=source,
-        epoch=epoch,
+        epoch=epoch_of(name, metadata),
     )
 
 

@@ -21,7 +21,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSecurityError
+from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSecurityError, StorageError
 
 __all__ = ["Storage", "FileInfo", "TMP_MARK", "is_network_filesystem", "is_temporary", "split_uri"]
 
@@ -62,6 +62,9 @@ def is_network_filesystem(path: str, mounts_file: str = "/proc/mounts") -> bool:
 
 
 TMP_MARK = ".ckptio-tmp."
+# Bound on one metadata call (list, stat, small read, delete) to an object store; transfers have their
+# own. Without it an unreachable endpoint retries for a minute or more inside the client library.
+DEFAULT_TIMEOUT_S = float(os.environ.get("CKPTIO_STORAGE_TIMEOUT_S", "60"))
 
 
 def is_temporary(name: str) -> bool:
@@ -113,9 +116,10 @@ def _pid_alive(pid: int) -> bool:
 class Storage:
     """A directory on some filesystem, addressed by names relative to it."""
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, *, timeout: float | None = None):
         self.uri = uri
         self.storage_options = dict(storage_options or {})
+        self.timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
         self._fs: fsspec.AbstractFileSystem | None = None
         if _is_plain_path(uri):
             # most loads name a local file and never need fsspec: build its filesystem on first use
@@ -160,32 +164,75 @@ class Storage:
         """Path usable with open()/mmap, or None when the storage is not the local disk."""
         return self.path(name) if self.is_local else None
 
+    # -- remote calls ------------------------------------------------------------------------
+    def _remote(self, what: str, name: str | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call an fsspec method on an object store: bounded in time, failures typed and naming the URI."""
+        timeout = kwargs.pop("timeout", self.timeout)
+        try:
+            return fn(*args, **self._timeout_kwargs(timeout), **kwargs)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+        except (FileExistsError, CheckpointError):
+            raise
+        except Exception as e:  # botocore, aiohttp, google-auth... each library has its own family
+            from fsspec.exceptions import FSTimeoutError
+
+            cause = f"no answer within {timeout}s" if isinstance(e, FSTimeoutError) else f"{type(e).__name__}: {e}"
+            raise StorageError(f"{self.url(name)}: {what} failed: {cause}") from e
+
+    def kind(self, name: str | None = None) -> str | None:
+        """'file', 'directory', or None when nothing is there (an unreachable store raises StorageError)."""
+        path = self.root if name is None else self.path(name)
+        if self.is_local:
+            return "directory" if os.path.isdir(path) else "file" if os.path.exists(path) else None
+        try:
+            info = self._remote("stat", name, self.fs.info, path)
+        except CheckpointNotFoundError:
+            return None
+        return "directory" if info.get("type") == "directory" else "file"
+
     # -- reading -----------------------------------------------------------------------------
     def exists(self, name: str) -> bool:
         if self.is_local:
             return os.path.exists(self.path(name))
-        return bool(self.fs.exists(self.path(name)))
+        return self.kind(name) is not None
 
     def read_bytes(self, name: str) -> bytes:
-        try:
-            if self.is_local:
+        if self.is_local:
+            try:
                 with open(self.path(name), "rb") as f:
                     return f.read()
-            return self.fs.cat_file(self.path(name))
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+            except FileNotFoundError as e:
+                raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+        return self._remote("read", name, self.fs.cat_file, self.path(name))
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``name`` (one ranged request on object stores)."""
+        if self.is_local:
+            try:
+                with open(self.path(name), "rb") as f:
+                    f.seek(start)
+                    return f.read(end - start)
+            except FileNotFoundError as e:
+                raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+        return self._remote("read", name, self.fs.cat_file, self.path(name), start=start, end=end)
 
     def open(self, name: str, mode: str = "rb") -> IO[bytes]:
-        try:
-            return self.fs.open(self.path(name), mode)
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+        if self.is_local:
+            try:
+                return self.fs.open(self.path(name), mode)
+            except FileNotFoundError as e:
+                raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+        return self._remote("open", name, self.fs.open, self.path(name), mode, timeout=None)
 
     def info(self, name: str) -> FileInfo:
-        try:
-            info = self.fs.info(self.path(name))
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+        if self.is_local:
+            try:
+                info = self.fs.info(self.path(name))
+            except FileNotFoundError as e:
+                raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+        else:
+            info = self._remote("stat", name, self.fs.info, self.path(name))
         version = next(
             (
                 str(info[k])
@@ -198,12 +245,17 @@ class Storage:
 
     def listdir(self) -> list[str]:
         """Names of the files directly in this directory (every page of a paginated listing)."""
-        try:
-            entries = self.fs.ls(self.root, detail=False, refresh=True) if not self.is_local else os.listdir(self.root)
-        except FileNotFoundError:
-            return []
-        except TypeError:  # filesystems without the refresh keyword
-            entries = self.fs.ls(self.root, detail=False)
+        if self.is_local:
+            try:
+                entries = os.listdir(self.root)
+            except FileNotFoundError:
+                return []
+        else:
+            try:
+                self.fs.invalidate_cache(self.root)  # a listing must see what other processes wrote since
+                entries = self._remote("list", None, self.fs.ls, self.root, detail=False)
+            except CheckpointNotFoundError:
+                return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
     # -- writing -----------------------------------------------------------------------------
@@ -244,22 +296,31 @@ class Storage:
             raise
 
     def _write_remote(self, path: str, writer: Callable[[IO[bytes]], None], exclusive: bool) -> None:
+        name = posixpath.relpath(path, self.root)
         parent = posixpath.dirname(path)
-        if parent and not self.fs.exists(parent):
-            self.fs.makedirs(parent, exist_ok=True)
+        if parent and self.kind() is None:
+            self._remote("mkdir", None, self.fs.makedirs, parent, exist_ok=True)
         if exclusive:
             # The conditional create decides races on stores that enforce it (S3 If-None-Match,
             # GCS ifGenerationMatch=0); the check before it also covers stores that ignore it.
-            if self.fs.exists(path):
+            if self.exists(name):
                 raise FileExistsError(errno.EEXIST, "write-once file exists", path)
             try:
-                with self.fs.open(path, "xb") as f:
+                with self._remote("write", name, self.fs.open, path, "xb", timeout=None) as f:
                     writer(f)
                 return
             except (NotImplementedError, ValueError):
                 pass  # backend has no conditional create: the check above and the single writer hold
-        with self.fs.open(path, "wb") as f:
-            writer(f)
+            except StorageError as e:
+                if not isinstance(e.__cause__, (NotImplementedError, ValueError)):
+                    raise
+        try:
+            with self.fs.open(path, "wb") as f:
+                writer(f)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise StorageError(f"{self.url(name)}: write failed: {type(e).__name__}: {e}") from e
 
     def _timeout_kwargs(self, timeout: float | None) -> dict[str, Any]:
         # fsspec's sync wrappers of async filesystems (s3fs, gcsfs) take a timeout; a frozen
@@ -271,26 +332,31 @@ class Storage:
     def put_file(self, local_path: str, name: str, *, timeout: float | None = None, callback: Any = None) -> None:
         """Upload a local file as ``name`` (an object appears only once its upload completes)."""
         path = self.path(name, writing=True)
-        kwargs = self._timeout_kwargs(timeout)
-        if callback is not None:
-            kwargs["callback"] = callback
         if self.is_local:
             with open(local_path, "rb") as src:
                 self._write_local(path, lambda f: shutil.copyfileobj(src, f, 16 << 20), False)
             return
-        self.fs.put_file(local_path, path, **kwargs)
+        kwargs = {"callback": callback} if callback is not None else {}
+        self._remote("upload", name, self.fs.put_file, local_path, path, timeout=timeout, **kwargs)
 
     def get_file(self, name: str, local_path: str, *, timeout: float | None = None) -> None:
         """Download ``name`` to a local path (the caller makes that atomic)."""
-        try:
-            self.fs.get_file(self.path(name), local_path, **self._timeout_kwargs(timeout))
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+        if self.is_local:
+            try:
+                self.fs.get_file(self.path(name), local_path)
+            except FileNotFoundError as e:
+                raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+            return
+        self._remote("download", name, self.fs.get_file, self.path(name), local_path, timeout=timeout)
 
     def delete(self, name: str, missing_ok: bool = True) -> None:
+        path = self.path(name, writing=True)
         try:
-            self.fs.rm_file(self.path(name, writing=True))
-        except FileNotFoundError:
+            if self.is_local:
+                os.unlink(path)
+            else:
+                self._remote("delete", name, self.fs.rm_file, path)
+        except (FileNotFoundError, CheckpointNotFoundError):
             if not missing_ok:
                 raise
 

@@ -49,7 +49,8 @@ def manager_writer(run_dir: str, log_path: str, started, keep_last: int, mib: in
     except ckptio.CheckpointNotFoundError:
         epoch = 0
     while True:
-        mgr.save_agent(_state(epoch, mib), epoch, {"epoch": epoch})
+        trainer = ckptio.trainer_state.flatten({"epoch": epoch, "moments": torch.full((1024,), float(epoch))})
+        mgr.save_agent(_state(epoch, mib), epoch, {"epoch": epoch}, trainer_state=trainer)
         _report(log_path, epoch)
         started.set()
         epoch += 1
@@ -106,6 +107,8 @@ def latest_reader(run_dir: str, done, out_path: str) -> None:
             expected = _state(art.epoch, 1)
             if sd.keys() != expected.keys() or not all(torch.equal(sd[k], expected[k]) for k in sd):
                 errors.append(f"epoch {art.epoch}: content does not match")
+            if art.training_metrics != {"epoch": art.epoch}:  # weights and metrics from one save, always
+                errors.append(f"epoch {art.epoch}: metrics {art.training_metrics}")
             loads += 1
         except ckptio.CheckpointNotFoundError:
             if loads:  # before the first save there is legitimately nothing

@@ -48,7 +48,8 @@ def test_cli_verify_reports_each_bad_file(tmp_path, policy, capsys):
     assert ckptio.load_from_uri(bad).epoch == 2  # the cheap checks cannot see it
     assert main(["verify", str(tmp_path / "run")]) == 1
     out = capsys.readouterr().out
-    assert f"OK   {good}" in out and f"BAD  {bad}: " in out and "digest mismatch" in out
+    assert f"OK         {good}\n" in out and f"BAD        {bad}: content digest mismatch" in out
+    assert out.count(bad) == 1  # each path once
     assert main(["verify", good]) == 0
     assert main(["inspect", str(tmp_path / "empty")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err

@@ -60,16 +60,21 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint(tmp_path, forkserver
         for r in reported[-keep_last:]:
             assert r in present or sum(p > r for p in present) >= keep_last, (r, reported[-keep_last:], present)
         # every visible checkpoint is whole: digest verified, and content is the right epoch
-        results = ckptio.manager.verify(run)
-        assert all(err is None for _, err in results), results
+        results = ckptio.verify(run)
+        assert all(r.status == "ok" for r in results), results
         latest = ckptio.load_from_uri(run, verify=True, allow=["archs"])
         assert latest.epoch == present[-1] >= reported[-1]
-        if writer == "manager_writer":
-            assert latest.state_dict["step"].item() == latest.epoch
-        else:
-            mgr = ckptio.CheckpointManager(run)
-            trainer = ckptio.trainer_state.unflatten(*mgr.read_trainer_state(mgr.latest()))
-            assert trainer["user"]["epoch"] == latest.epoch
+        # every listed checkpoint has all its files, each from the same save
+        mgr = ckptio.CheckpointManager(run)
+        for info in mgr.list_checkpoints():
+            art = ckptio.load_from_uri(info.uri, verify=True, allow=["archs"])
+            assert art.training_metrics == {"epoch": info.epoch}, (info.name, art.training_metrics)
+            trainer = ckptio.trainer_state.unflatten(*mgr.read_trainer_state(info))
+            if writer == "manager_writer":
+                assert art.state_dict["step"].item() == info.epoch
+                assert trainer["epoch"] == info.epoch and trainer["moments"][0].item() == info.epoch
+            else:
+                assert trainer["user"]["epoch"] == info.epoch
     # the next writer cleaned what killed writers left behind
     final = forkserver.Event()
     proc = forkserver.Process(target=getattr(crash_jobs, writer), args=(run, log, final, keep_last, 4))
@@ -106,7 +111,7 @@ def test_full_disk_mid_write_surfaces_and_keeps_previous(tmp_path, policy, monke
     assert e.value.errno == errno.ENOSPC
     assert ckptio.latest(str(tmp_path / "run")).uri == good
     assert not [n for n in os.listdir(tmp_path / "run" / "checkpoints") if TMP_MARK in n]
-    assert ckptio.manager.verify(good) == [(good, None)]
+    assert [(r.uri, r.status) for r in ckptio.verify(good)] == [(good, "ok")]
 
 
 def test_failing_fsync_surfaces_and_keeps_previous(tmp_path, policy, monkeypatch):
