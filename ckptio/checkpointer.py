@@ -421,7 +421,9 @@ class Checkpointer:
     def _after_upload(self, job: UploadJob) -> None:
         """A newer checkpoint is durable remotely: retention may now act on both copies."""
         assert self.remote is not None
-        remove_replaced(self.remote.storage, job.label, keep=job.names)  # a re-saved epoch's previous files
+        remove_replaced(
+            self.remote.storage, job.label, keep=job.names, other_formats=True
+        )  # a re-saved epoch's previous files
         with self._prune_lock:
             self._uploaded_since_resume = True
             self.remote.prune(protect=self._protected())

@@ -351,6 +351,7 @@ class CheckpointManager:
                 training_metrics=training_metrics,
                 trainer_state=trainer_state,
                 checkpoint_format=self.checkpoint_format,
+                replace_other_format=True,  # in a run directory the old format would shadow this save
             )
             self._last_saved = saved.weights
             if prune:

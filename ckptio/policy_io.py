@@ -191,6 +191,7 @@ def write_checkpoint(
     trainer_state: tuple[Mapping[str, torch.Tensor], Mapping[str, str]] | None = None,
     checkpoint_format: str = "safetensors",
     detach_buffers: bool = True,
+    replace_other_format: bool = False,
 ) -> SavedCheckpoint:
     """Write the sidecars, then the weights file (the commit point), then drop the files it replaced."""
     if checkpoint_format not in ("safetensors", "pt"):
@@ -220,19 +221,52 @@ def write_checkpoint(
     else:
         uri = storage.write(weights, lambda f: save_pt(f, state_dict, meta))
     names.append(weights)
-    remove_replaced(storage, base, keep=names)
+    remove_replaced(storage, base, keep=names, other_formats=replace_other_format)
     return SavedCheckpoint(uri=uri, names=tuple(names))
 
 
+_SAVE_ID_RE = re.compile(r"[0-9a-f]{12}")
+
+
 def files_of(base: str, listing: Iterable[str]) -> list[str]:
-    """Every file of checkpoint ``base`` in a directory listing: weights, sidecars of any save, legacy files."""
-    return [n for n in listing if n.startswith(base + ".")]
+    """The files of checkpoint ``base`` in a listing: weights, sidecars of any save, legacy sidecars.
+
+    Only names ckptio itself writes: a user's ``model.config.json`` beside ``model.safetensors`` is not one.
+    """
+    own = {base + ext for ext in WEIGHT_EXTENSIONS} | {
+        base + s for s in (METRICS_SUFFIX, TRAINER_SUFFIX, LEGACY_ARCH_SUFFIX)
+    }
+    found = []
+    for name in listing:
+        if name in own:
+            found.append(name)
+        elif name.startswith(base + ".") and name.endswith((METRICS_SUFFIX, TRAINER_SUFFIX)):
+            middle = name[len(base) + 1 :].split(".", 1)[0]
+            if _SAVE_ID_RE.fullmatch(middle) and name[len(base) + 1 + len(middle) :] in (
+                METRICS_SUFFIX,
+                TRAINER_SUFFIX,
+            ):
+                found.append(name)
+    return found
 
 
-def remove_replaced(storage: Storage, base: str, keep: Iterable[str]) -> list[str]:
-    """After a commit: delete the files of ``base`` the committed save does not name (a previous save's)."""
+def remove_replaced(storage: Storage, base: str, keep: Iterable[str], *, other_formats: bool = False) -> list[str]:
+    """After a commit: delete the files of ``base`` the committed save does not name (a previous save's).
+
+    ``other_formats``: also the weights of ``base`` in another format (right in a run directory,
+    where they would shadow the new save); otherwise those stay, with every sidecar they name.
+    """
     keep = set(keep)
-    stale = [n for n in files_of(base, storage.listdir()) if n not in keep]
+    files = files_of(base, storage.listdir())
+    if not other_formats:
+        for other in [n for n in files if n.endswith(WEIGHT_EXTENSIONS) and n not in keep]:
+            keep.add(other)
+            try:
+                keep.update(Sidecars.of(base, read_metadata(storage, other), other).names())
+            except CheckpointError:
+                pass  # unreadable: nothing it names can be told apart, so its legacy names stay too
+            keep.update(base + s for s in (METRICS_SUFFIX, TRAINER_SUFFIX, LEGACY_ARCH_SUFFIX))
+    stale = [n for n in files if n not in keep]
     # other weights first: until they are gone a reader could still pick them
     stale.sort(key=lambda n: not n.endswith(WEIGHT_EXTENSIONS))
     for name in stale:

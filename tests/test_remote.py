@@ -365,3 +365,46 @@ def test_resumed_checkpoint_survives_until_a_newer_one_is_uploaded(s3, tmp_path,
     ck.close()
     assert [i.epoch for i in ck.manager.list_checkpoints()] == [2]
     assert [i.epoch for i in ckptio.list_checkpoints(remote, s3.options())] == [2]
+
+
+# ---- object-store failures are typed and bounded ------------------------------------------
+
+
+def _closed_port() -> int:
+    from remote_fixtures import _free_port
+
+    return _free_port()  # bound and released: nothing listens there
+
+
+def test_unreachable_s3_endpoint_is_a_storage_error_not_not_found(s3, policy):
+    opts = dict(s3.options(), client_kwargs={"endpoint_url": f"http://127.0.0.1:{_closed_port()}"})
+    for call in (
+        lambda: ckptio.load_from_uri("s3://bucket/run", storage_options=opts),
+        lambda: ckptio.list_checkpoints("s3://bucket/run", storage_options=opts),
+        lambda: ckptio.CheckpointManager("s3://bucket/run", storage_options=opts).save_agent(policy, 1),
+    ):
+        with pytest.raises(ckptio.CheckpointError) as e:
+            call()
+        assert not isinstance(e.value, FileNotFoundError), e.value  # refused is not "no such file"
+        assert "s3://bucket/run" in str(e.value) and "EndpointConnectionError" in str(e.value)
+    assert isinstance(e.value, ckptio.CheckpointSaveError)
+
+
+def test_s3_without_credentials_is_a_storage_error(s3, monkeypatch, tmp_path):
+    for var in list(os.environ):
+        if var.startswith("AWS_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask an instance-metadata address
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    bucket = s3.make_bucket()
+    opts = {k: v for k, v in s3.options().items() if k not in ("key", "secret")}
+    with pytest.raises(ckptio.StorageError, match=rf"s3://{bucket}/run.*NoCredentialsError"):
+        ckptio.load_from_uri(f"s3://{bucket}/run", storage_options=opts)
+
+
+def test_gcs_without_a_server_fails_within_the_time_bound(gcs, monkeypatch):
+    monkeypatch.setattr(ckptio.storage, "DEFAULT_TIMEOUT_S", 2.0)
+    opts = dict(gcs.options(), endpoint_url=f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(ckptio.StorageError, match=r"gs://bucket/run.*(no answer within 2.0s|Connect)"):
+        ckptio.load_from_uri("gs://bucket/run", storage_options=opts)

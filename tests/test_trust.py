@@ -396,3 +396,21 @@ def test_manifest_of_shared_json_metrics_key(tmp_path, policy):
     mgr.save_agent(policy, 1, {"score": 2.5, "nested": {"a": [1, 2]}})
     with open(_sidecar(str(tmp_path / "r"), ".metrics.json")) as f:
         assert json.load(f) == {"score": 2.5, "nested": {"a": [1, 2]}}
+
+
+def test_saving_beside_other_files_deletes_only_checkpoint_files(tmp_path, policy):
+    keep = ["model.config.json", "model.safetensors.bak", "model.v2.safetensors", "model.abc.metrics.json", "model.e1"]
+    for name in keep:
+        (tmp_path / name).write_text("a user's file")
+    ckptio.save_policy_artifact(str(tmp_path / "model"), policy, None, {"r": 1})
+    ckptio.save_policy_artifact(str(tmp_path / "model"), policy, None)  # replaces its own metrics sidecar only
+    assert sorted(os.listdir(tmp_path)) == sorted([*keep, "model.safetensors"])
+    assert main(["convert", str(tmp_path / "model.safetensors"), str(tmp_path / "model.pt")]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([*keep, "model.pt", "model.safetensors"])
+    # in a run directory, a re-save in the other format replaces the old one (it would shadow the new)
+    mgr = ckptio.CheckpointManager(str(tmp_path / "run"), checkpoint_format="pt")
+    ckptio.CheckpointManager(str(tmp_path / "run")).save_agent(policy, 1, {"r": 1})
+    mgr.save_agent(_shifted(policy, 1), 1, {"r": 2})
+    left = _files(str(tmp_path / "run"))
+    assert len(left) == 2 and left[1] == "run.e00000001.pt" and left[0].endswith(".metrics.json")
+    assert ckptio.load_from_uri(str(tmp_path / "run")).training_metrics == {"r": 2}
