@@ -247,7 +247,7 @@ def write_safetensors(
     if hbytes[: len(_DIGEST_PREFIX)] != _DIGEST_PREFIX:  # json.dumps keeps insertion order; check anyway
         raise AssertionError("ckptio.crc32 is not where the writer put it")
     start = f.tell()
-    f.write(struct.pack("<Q", len(hbytes)) + hbytes)
+    _write_all(f, memoryview(struct.pack("<Q", len(hbytes)) + hbytes))
     chunks = [
         view[i : i + _CHUNK] for view in map(_as_bytes, (stored[k] for k in order)) for i in range(0, len(view), _CHUNK)
     ]
@@ -259,7 +259,7 @@ def write_safetensors(
         digest = crc.result()
     end = f.tell()
     f.seek(start + digest_at)
-    f.write(digest.encode())
+    _write_all(f, memoryview(digest.encode()))
     f.seek(end)
     return WriteResult(data_bytes=pos, crc32=digest)
 

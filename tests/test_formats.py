@@ -241,3 +241,38 @@ def test_a_failing_write_raises_and_leaves_no_checksum_thread(tmp_path):
         # 256 MiB: the checksum thread is still busy when the write fails, so only a join stops it
         write_safetensors(Full(), {"a": torch.ones(32 << 20), "b": torch.ones(32 << 20)})
     assert not [t for t in threading.enumerate() if t.name == "ckptio-crc32"]
+
+
+class _ShortWrites(io.RawIOBase):
+    """A raw file that accepts at most 1000 bytes per write() call, as write(2) may."""
+
+    def __init__(self):
+        self.buf = io.BytesIO()
+        self.calls = 0
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        return self.buf.seek(pos, whence)
+
+    def tell(self):
+        return self.buf.tell()
+
+    def write(self, data):
+        self.calls += 1
+        return self.buf.write(bytes(memoryview(data)[:1000]))
+
+
+def test_short_writes_are_continued_not_dropped():
+    tensors = {"a": torch.randn(3000), "b": torch.arange(10, dtype=torch.int64)}
+    tensors |= {f"layer{i}.weight": torch.full((2,), float(i)) for i in range(100)}  # a header past 1000 bytes
+    f = _ShortWrites()
+    write_safetensors(f, tensors)
+    assert f.calls > 15  # a 5 KB header and 13 KB of data in 1000-byte pieces
+    loaded, _ = read_safetensors(io.BytesIO(f.buf.getvalue()), "short", mmap_file=False)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert ckptio.formats.verify_safetensors(io.BytesIO(f.buf.getvalue()), "short") is None

@@ -184,3 +184,18 @@ def test_run_names_and_uris_cannot_write_outside(tmp_path, policy):
     for name in ("../outside.safetensors", "escape/x.safetensors", "a/../../b"):
         with pytest.raises(ckptio.CheckpointSecurityError):
             s.write_bytes(name, b"x")
+
+
+@pytest.mark.parametrize("class_path", ["ckptio_evil.Arch", "archsevil.Arch", "archs_x.Arch", "ckptio2.m.Arch"])
+def test_look_alike_module_prefixes_are_not_allowed(tmp_path, policy, monkeypatch, class_path):
+    """The allow-list matches whole dotted components: 'archs' does not allow 'archsevil'."""
+    imported = []
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real_import(name, *a))
+    with open(tmp_path / "h.safetensors", "wb") as f:
+        write_safetensors(
+            f, policy.state_dict(), {"ckptio.architecture": json.dumps({"class_path": class_path, "config": {}})}
+        )
+    with pytest.raises(ckptio.CheckpointSecurityError, match="allow-list"):
+        ckptio.load_from_uri(str(tmp_path / "h.safetensors"), allow=["archs.sub"])
+    assert imported == []
