@@ -22,7 +22,7 @@ import torch
 from . import ranks
 from .architecture import architecture_from_json, architecture_to_json, architectures_equal
 from .cache import DEFAULT_MAX_BYTES, NodeCache
-from .errors import ArchitectureError, CheckpointError, CheckpointNotFoundError, save_failed
+from .errors import ArchitectureError, CheckpointError, CheckpointNotFoundError, save_failed, typed_io
 from .manager import CheckpointInfo, CheckpointManager
 from .policy_io import (
     MANIFEST_NAME,
@@ -158,12 +158,18 @@ class Checkpointer:
         return None
 
     def _check_manifest_in(self, storage: Storage) -> str | None:
+        target = storage.url(MANIFEST_NAME)
         try:
             storage.write_bytes(MANIFEST_NAME, self._manifest_payload(), exclusive=True)
             return None
         except FileExistsError:
             pass
-        raw = storage.read_bytes(MANIFEST_NAME)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise save_failed(target, "writing the manifest", e) from e
+        with typed_io(target, "reading the manifest"):
+            raw = storage.read_bytes(MANIFEST_NAME)
         try:
             existing = json.loads(raw)
         except ValueError as e:
@@ -181,13 +187,7 @@ class Checkpointer:
         """Master writes the write-once manifest; every rank raises if the run's architecture differs."""
         if self._registered:
             return
-        error = None
-        if self.rank.is_master:
-            try:
-                error = self._check_manifest()
-            except CheckpointError as e:
-                error = str(e)
-        error = ranks.broadcast_object(error)
+        error = ranks.master_result(self._check_manifest)  # a failure on the master reaches every rank
         if error:
             raise ArchitectureError(error)
         self._registered = True
@@ -200,17 +200,14 @@ class Checkpointer:
     # -- resume --------------------------------------------------------------------------------
     def _choose_latest(self) -> tuple[str, str] | None:
         """(where, name) of the newest checkpoint, local or remote; the master's view only."""
-        if not self.rank.is_master:
-            return None
         found = []
         for where, manager in (("local", self.manager), ("remote", self.remote)):
             if manager is None:
                 continue
-            try:
-                info = manager.latest()
-            except CheckpointNotFoundError:
-                continue
-            found.append((info.epoch, where == "local", where, info.name))
+            with typed_io(manager.checkpoint_dir, "listing checkpoints"):
+                infos = manager.list_checkpoints()
+            if infos:
+                found.append((infos[-1].epoch, where == "local", where, infos[-1].name))
         return max(found)[2:] if found else None
 
     def _load(
@@ -219,21 +216,29 @@ class Checkpointer:
         if not info.storage.is_local:
             # one download per node: the node's first rank fills the cache, the others wait, then
             # every rank maps the same local file
+            error = None
             if self.rank.is_local_master:
-                local = self.cache.fetch(info.storage, info.name)
-                trainer = Sidecars.of(info.base, read_metadata(info.storage, info.name, local), info.uri).trainer
-                if trainer is not None and info.storage.exists(trainer):
-                    self.cache.fetch(info.storage, trainer)
-            ranks.barrier()
+                try:
+                    with typed_io(info.uri, "downloading into the node cache"):
+                        local = self.cache.fetch(info.storage, info.name)
+                        metadata = read_metadata(info.storage, info.name, local)
+                        trainer = Sidecars.of(info.base, metadata, info.uri).trainer
+                        if trainer is not None and info.storage.exists(trainer):
+                            self.cache.fetch(info.storage, trainer)
+                except Exception as e:
+                    error = e
+            ranks.raise_together(error)  # in place of a barrier: a failed download stops every rank
         # metrics play no part in resuming: a damaged metrics file must not stop a run from continuing
-        artifact = load_checkpoint(
-            info.storage, info.name, policy_architecture=self._architecture, allow=self.allow, cache=self.cache,
-            with_metrics=False,
-        )  # fmt: skip
+        with typed_io(info.uri, "loading"):
+            artifact = load_checkpoint(
+                info.storage, info.name, policy_architecture=self._architecture, allow=self.allow, cache=self.cache,
+                with_metrics=False,
+            )  # fmt: skip
         module = artifact.instantiate(env_metadata, device=device)
         self.trainer_state = None
         try:
-            raw = manager.read_trainer_state(info, cache=self.cache)
+            with typed_io(info.uri, "reading the trainer state"):
+                raw = manager.read_trainer_state(info, cache=self.cache)
         except CheckpointNotFoundError:
             raise
         except CheckpointError as e:
@@ -275,8 +280,13 @@ class Checkpointer:
         where, name = chosen
         manager = self.manager if where == "local" else self.remote
         assert manager is not None
-        info = next(i for i in manager.list_checkpoints() if i.name == name)
-        module = self._load(manager, info, env_metadata, device, restore_rng)
+        info = manager.info(name)  # from the master's choice: no rank lists again (it may have been pruned since)
+        module, error = None, None
+        try:
+            module = self._load(manager, info, env_metadata, device, restore_rng)
+        except Exception as e:
+            error = e
+        ranks.raise_together(error)  # a rank that cannot load stops the others before they train alone
         self.resumed_from = info
         self.start_epoch = info.epoch + 1
         log.info("resumed from %s (epoch %d) on rank %d", info.uri, info.epoch, self.rank.rank)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class CheckpointError(Exception):
     """Root of every error ckptio raises on purpose."""
@@ -63,3 +66,31 @@ def save_failed(target: str, operation: str, cause: BaseException) -> Checkpoint
         error.args = (message,)
         return error
     return CheckpointSaveError(message)
+
+
+class _StorageOSError(StorageError):
+    def __str__(self) -> str:  # OSError's own formatting would drop the URI and the operation
+        return str(self.args[0])
+
+
+def storage_failed(target: str, operation: str, cause: BaseException) -> CheckpointError:
+    """A read or another non-save operation failed on I/O: typed, naming the target, errno kept."""
+    message = f"{target}: {operation} failed: {cause}"
+    if isinstance(cause, FileNotFoundError):
+        return CheckpointNotFoundError(message)
+    error = _StorageOSError(message)
+    if isinstance(cause, OSError):
+        error.errno, error.strerror, error.filename = cause.errno, cause.strerror, cause.filename
+        error.args = (message,)
+    return error
+
+
+@contextlib.contextmanager
+def typed_io(target: str, operation: str) -> Iterator[None]:
+    """Turn an OSError escaping ``operation`` into a CheckpointError naming ``target``."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise storage_failed(target, operation, e) from e

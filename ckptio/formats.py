@@ -11,7 +11,6 @@ ckptio's additions live in the header's ``__metadata__`` (string to string):
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import mmap
@@ -39,6 +38,7 @@ from .errors import (
     CheckpointSecurityError,
     CorruptCheckpointError,
 )
+from .storage import write_all
 
 __all__ = [
     "FORMAT_VERSION",
@@ -101,17 +101,6 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
         return memoryview(b"")
     # as_strided, not reshape: a 1-element view keeps its odd stride through reshape, and view() refuses it
     return memoryview(t.as_strided((t.numel(),), (1,)).view(torch.uint8).numpy())
-
-
-def _write_all(f: IO[bytes], view: memoryview) -> None:
-    # Unbuffered files may write less than asked (Linux caps one write(2) near 2 GiB).
-    while view:
-        n = f.write(view)
-        if n is None or n >= len(view):
-            return
-        if n <= 0:
-            raise OSError(errno.EIO, f"write made no progress ({len(view)} bytes left)")
-        view = view[n:]
 
 
 def _alias_key(t: torch.Tensor) -> tuple[Any, ...]:
@@ -247,19 +236,19 @@ def write_safetensors(
     if hbytes[: len(_DIGEST_PREFIX)] != _DIGEST_PREFIX:  # json.dumps keeps insertion order; check anyway
         raise AssertionError("ckptio.crc32 is not where the writer put it")
     start = f.tell()
-    _write_all(f, memoryview(struct.pack("<Q", len(hbytes)) + hbytes))
+    write_all(f, memoryview(struct.pack("<Q", len(hbytes)) + hbytes))
     chunks = [
         view[i : i + _CHUNK] for view in map(_as_bytes, (stored[k] for k in order)) for i in range(0, len(view), _CHUNK)
     ]
     crc = _Checksum(chunks)
     try:
         for chunk in chunks:
-            _write_all(f, chunk)
+            write_all(f, chunk)
     finally:
         digest = crc.result()
     end = f.tell()
     f.seek(start + digest_at)
-    _write_all(f, memoryview(digest.encode()))
+    write_all(f, memoryview(digest.encode()))
     f.seek(end)
     return WriteResult(data_bytes=pos, crc32=digest)
 

@@ -26,6 +26,7 @@ from .errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
     save_failed,
+    typed_io,
 )
 from .formats import verify_safetensors
 from .policy_io import (
@@ -219,6 +220,20 @@ def load_from_uri(
     """
     if uri.startswith("mock://"):
         return PolicyArtifact(policy_architecture=MockArchitecture(), state_dict={}, source=uri)
+    with typed_io(uri, "loading"):
+        return _load(uri, storage_options, policy_architecture, mmap, trusted, verify, allow, cache)
+
+
+def _load(
+    uri: str,
+    storage_options: Mapping[str, Any] | None,
+    policy_architecture: Any,
+    mmap: bool | None,
+    trusted: bool,
+    verify: bool,
+    allow: Iterable[str],
+    cache: NodeCache | None,
+) -> PolicyArtifact:
     storage, name = resolve(uri, storage_options)
     kwargs = dict(
         policy_architecture=policy_architecture, mmap=mmap, trusted=trusted, verify=verify, allow=allow, cache=cache
@@ -390,6 +405,13 @@ class CheckpointManager:
         if uri is not None:
             return list_checkpoints(uri, self.storage_options)
         return [i for i in _scan(self.storage) if i.run == self.run_name]
+
+    def info(self, name: str) -> CheckpointInfo:
+        """The CheckpointInfo of weights file ``name`` in this run's directory (without listing it)."""
+        parsed = parse_checkpoint_name(name)
+        if parsed is None:
+            raise CheckpointFormatError(f"{self.storage.url(name)}: not a checkpoint file name")
+        return CheckpointInfo(self.storage.url(name), name, parsed.epoch, parsed.fmt, parsed.run, self.storage)
 
     def latest(self, uri: str | None = None) -> CheckpointInfo:
         found = self.list_checkpoints(uri)

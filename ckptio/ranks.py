@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["RankInfo", "all_gather_object", "barrier", "broadcast_object", "is_local_master", "is_master", "rank_info"]
+from .errors import CheckpointError
+
+__all__ = [
+    "RankInfo",
+    "all_gather_object",
+    "barrier",
+    "broadcast_object",
+    "is_local_master",
+    "is_master",
+    "master_result",
+    "raise_together",
+    "rank_info",
+]
 
 # Checkpoint waits are bounded by how long a save or a download takes, not by a training step.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
@@ -101,3 +115,51 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj, group=_group())
     return out
+
+
+def _for_others(error: BaseException, rank: int) -> BaseException:
+    """An error to raise on the ranks that did not fail: the same ckptio error where it travels."""
+    if isinstance(error, CheckpointError):
+        try:
+            pickle.loads(pickle.dumps(error))
+            return error
+        except Exception:
+            pass
+    return CheckpointError(f"rank {rank} failed: {type(error).__name__}: {error}")
+
+
+def master_result(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on the master, its result on every rank; if it raises, every rank raises.
+
+    A rank doing I/O that others wait for must tell them when it fails, or they wait in the
+    collective until its timeout.
+    """
+    outcome: tuple[str, Any] | None = None
+    error: BaseException | None = None
+    if is_master():
+        try:
+            outcome = ("ok", fn())
+        except Exception as e:
+            error = e
+            outcome = ("error", _for_others(e, rank_info().rank))
+    outcome = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
+
+
+def raise_together(error: BaseException | None) -> None:
+    """Collective: every rank raises if any rank's ``error`` is set (each its own, or the first other)."""
+    if not _distributed():
+        if error is not None:
+            raise error
+        return
+    me = rank_info().rank
+    errors = all_gather_object(None if error is None else _for_others(error, me))
+    if error is not None:
+        raise error
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
-import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSecurityError, StorageError
 
-__all__ = ["Storage", "FileInfo", "TMP_MARK", "is_network_filesystem", "is_temporary", "split_uri"]
+__all__ = ["TMP_MARK", "FileInfo", "Storage", "is_network_filesystem", "is_temporary", "split_uri", "write_all"]
 
 # Filesystems where mmap page faults become network round trips (reported 30-50x slower than
 # one eager sequential read): on these, loads read eagerly unless told otherwise.
@@ -95,6 +94,18 @@ def split_uri(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[
         raise CheckpointError(f"cannot open storage for {uri!r}: {e}") from e
 
 
+def write_all(f: IO[bytes], data: bytes | memoryview) -> None:
+    """Write every byte: unbuffered files may take less than asked (Linux caps one write(2) near 2 GiB)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        if n is None or n >= len(view):
+            return
+        if n <= 0:
+            raise OSError(errno.EIO, f"write made no progress ({len(view)} bytes left)")
+        view = view[n:]
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -111,6 +122,12 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _copy(src: IO[bytes], dst: IO[bytes]) -> None:
+    # not shutil.copyfileobj: it ignores short writes to an unbuffered file
+    while chunk := src.read(16 << 20):
+        write_all(dst, chunk)
 
 
 class Storage:
@@ -269,7 +286,7 @@ class Storage:
         return self.url(name)
 
     def write_bytes(self, name: str, data: bytes, *, exclusive: bool = False) -> str:
-        return self.write(name, lambda f: f.write(data), exclusive=exclusive)
+        return self.write(name, lambda f: write_all(f, data), exclusive=exclusive)
 
     def _write_local(self, path: str, writer: Callable[[IO[bytes]], None], exclusive: bool) -> None:
         directory, base = os.path.split(path)
@@ -306,21 +323,22 @@ class Storage:
             if self.exists(name):
                 raise FileExistsError(errno.EEXIST, "write-once file exists", path)
             try:
-                with self._remote("write", name, self.fs.open, path, "xb", timeout=None) as f:
-                    writer(f)
+                self._stream(name, path, "xb", writer)
                 return
-            except (NotImplementedError, ValueError):
-                pass  # backend has no conditional create: the check above and the single writer hold
             except StorageError as e:
                 if not isinstance(e.__cause__, (NotImplementedError, ValueError)):
                     raise
-        try:
-            with self.fs.open(path, "wb") as f:
+                # backend has no conditional create: the check above and the single writer hold
+        self._stream(name, path, "wb", writer)
+
+    def _stream(self, name: str, path: str, mode: str, writer: Callable[[IO[bytes]], None]) -> None:
+        """Open, write and close one object: the upload (and its failure) happens inside."""
+
+        def run() -> None:
+            with self.fs.open(path, mode) as f:
                 writer(f)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise StorageError(f"{self.url(name)}: write failed: {type(e).__name__}: {e}") from e
+
+        self._remote("write", name, run, timeout=None)
 
     def _timeout_kwargs(self, timeout: float | None) -> dict[str, Any]:
         # fsspec's sync wrappers of async filesystems (s3fs, gcsfs) take a timeout; a frozen
@@ -334,7 +352,7 @@ class Storage:
         path = self.path(name, writing=True)
         if self.is_local:
             with open(local_path, "rb") as src:
-                self._write_local(path, lambda f: shutil.copyfileobj(src, f, 16 << 20), False)
+                self._write_local(path, lambda f: _copy(src, f), False)
             return
         kwargs = {"callback": callback} if callback is not None else {}
         self._remote("upload", name, self.fs.put_file, local_path, path, timeout=timeout, **kwargs)

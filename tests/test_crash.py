@@ -95,7 +95,7 @@ def _fill(tmp_path, policy):
 
 def test_full_disk_mid_write_surfaces_and_keeps_previous(tmp_path, policy, monkeypatch):
     mgr, good = _fill(tmp_path, policy)
-    real = formats._write_all
+    real = formats.write_all
     calls = {"n": 0}
 
     def enospc(f, view):
@@ -105,7 +105,7 @@ def test_full_disk_mid_write_surfaces_and_keeps_previous(tmp_path, policy, monke
             raise OSError(errno.ENOSPC, "No space left on device")
         real(f, view)
 
-    monkeypatch.setattr(formats, "_write_all", enospc)
+    monkeypatch.setattr(formats, "write_all", enospc)
     with pytest.raises(OSError) as e:
         mgr.save_agent(policy, 2)
     assert e.value.errno == errno.ENOSPC
