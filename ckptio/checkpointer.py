@@ -431,36 +431,55 @@ class Checkpointer:
     def _after_upload(self, job: UploadJob) -> None:
         """A newer checkpoint is durable remotely: retention may now act on both copies."""
         assert self.remote is not None
-        remove_replaced(
-            self.remote.storage, job.label, keep=job.names, other_formats=True
-        )  # a re-saved epoch's previous files
+        # a re-saved epoch's previous files, now that its new weights are committed remotely
+        remove_replaced(self.remote.storage, job.label, keep=job.names, other_formats=True)
         with self._prune_lock:
             self._uploaded_since_resume = True
             self.remote.prune(protect=self._protected())
             self.manager.prune(protect=self._protected())
 
     def close(self) -> None:
-        """Finish the background save and uploads (uploads within config.close_timeout_s); raise if any failed."""
+        """Every rank: finish the background save and uploads, then leave together; raise if any failed.
+
+        Collective (on the gloo coordination group): no rank returns, and so none can destroy the
+        process group, while the master is still writing or uploading its last checkpoint. A
+        failure on any rank raises on every rank. Uploads wait within config.close_timeout_s.
+        """
+        error = self._finish()
+        ranks.raise_together(error)
+
+    def _finish(self) -> BaseException | None:
+        """This rank's part of close(): the background save and uploads; the error, if any."""
         if self._closed:
-            return
+            return None
         self._closed = True
         try:
-            self._wait_for_save()
-        finally:
-            if self.uploader is not None:
-                self.uploader.close(self.config.close_timeout_s)
+            try:
+                self._wait_for_save()
+            finally:
+                if self.uploader is not None:
+                    self.uploader.close(self.config.close_timeout_s)
+        except Exception as e:
+            return e
+        return None
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # leaving on an exception: the other ranks may be anywhere, so no collective here
+        error = self._finish()
+        if error is not None:
+            log.error("while leaving on an exception: %s", error)
 
 
 def _close_at_exit(ref: weakref.ReferenceType[Checkpointer]) -> None:
+    # at interpreter exit the other ranks may be gone: finish this rank's work, no collective
     ckpt = ref()
     if ckpt is not None and not ckpt._closed:
-        try:
-            ckpt.close()
-        except CheckpointError as e:
-            log.error("at exit: %s", e)
+        error = ckpt._finish()
+        if error is not None:
+            log.error("at exit: %s", error)

@@ -43,7 +43,10 @@ class InvalidArgumentError(CheckpointError, ValueError):
 
 
 class StorageError(CheckpointError, OSError):
-    """A storage backend failed (unreachable endpoint, missing credentials, timeout), naming the URI."""
+    """Storage failed (unreachable endpoint, missing credentials, timeout, a disk error), naming the URI."""
+
+    def __str__(self) -> str:  # OSError's own formatting would drop the URI and the operation
+        return str(self.args[0]) if self.args else ""
 
 
 class CheckpointSaveError(CheckpointError):
@@ -68,17 +71,12 @@ def save_failed(target: str, operation: str, cause: BaseException) -> Checkpoint
     return CheckpointSaveError(message)
 
 
-class _StorageOSError(StorageError):
-    def __str__(self) -> str:  # OSError's own formatting would drop the URI and the operation
-        return str(self.args[0])
-
-
 def storage_failed(target: str, operation: str, cause: BaseException) -> CheckpointError:
     """A read or another non-save operation failed on I/O: typed, naming the target, errno kept."""
     message = f"{target}: {operation} failed: {cause}"
     if isinstance(cause, FileNotFoundError):
         return CheckpointNotFoundError(message)
-    error = _StorageOSError(message)
+    error = StorageError(message)
     if isinstance(cause, OSError):
         error.errno, error.strerror, error.filename = cause.errno, cause.strerror, cause.filename
         error.args = (message,)

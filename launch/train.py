@@ -147,12 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             tensors.update({f"optim.{pid}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
         with open(os.path.join(args.dump_state, f"rank{info.rank}.safetensors"), "wb") as f:
             write_safetensors(f, tensors, {"global_step": str(global_step), "start_epoch": str(ckpt.start_epoch)})
-    ckpt.close()
+    ckpt.close()  # every rank: waits for the master's last save and uploads, so ranks leave together
     if dist.is_initialized():
-        # ranks leave together: a rank tearing down gloo while the master still writes its last
-        # checkpoint can abort ("terminate called without an active exception"). ckptio's barrier
-        # waits on gloo, so a long final upload cannot trip an NCCL timeout.
-        ckptio.ranks.barrier()
         dist.destroy_process_group()
     return 0
 

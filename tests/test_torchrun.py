@@ -136,3 +136,18 @@ def test_teacher_from_file_uri_and_mock(tmp_path, teacher):
     expected = "Sequential" if teacher == "file" else "MockPolicy"
     assert f"kickstarting from teacher {uri} ({expected})" in out.stdout
     assert ckptio.latest(str(tmp_path / "s")).epoch == 1
+
+
+@pytest.mark.parametrize("attempt", range(4))
+def test_ranks_leave_together_at_close_without_a_barrier_of_their_own(tmp_path, attempt):
+    """close() is collective: no rank destroys the group while the master still writes (repeated)."""
+    out = run_torchrun("leave_job", str(tmp_path / "run"), timeout=180)
+    assert out.stdout.count(f"latest after close {3}") == 2, out.stdout
+
+
+def test_a_failure_on_the_master_during_resume_reaches_every_rank(tmp_path):
+    """The master cannot read the manifest: both ranks raise a CheckpointError instead of rank 1 waiting."""
+    out = run_torchrun("leave_job", str(tmp_path / "run"), "broken-manifest", timeout=120, check=False)
+    assert out.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: StorageError" in out.stdout and "model_architecture.json" in out.stdout, out.stdout
