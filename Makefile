@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks --out bench-out
 
 stress: $(STAMP)
-	$(PY) -m pytest -q tests/test_crash.py --stress
+	$(PY) -m pytest -q -n auto tests/test_crash.py tests/test_faults.py tests/test_reference.py --stress
 
 clean:
 	rm -rf runs bench-out .pytest_cache
