@@ -23,6 +23,7 @@ from .errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    CheckpointSecurityError,
     CorruptCheckpointError,
     InvalidArgumentError,
     save_failed,
@@ -350,7 +351,6 @@ class CheckpointManager:
         base = self.base_name(epoch)
         state = state_dict_of(policy)
         arch_json = architecture_to_json(policy_architecture) if policy_architecture is not None else None
-        step = "writing"
         try:
             if not self._cleaned:
                 step = "removing what crashed writers left"
@@ -372,8 +372,8 @@ class CheckpointManager:
             if prune:
                 step = "applying retention"
                 self.prune(protect=protect)
-        except (CheckpointFormatError, InvalidArgumentError):
-            raise
+        except (CheckpointFormatError, InvalidArgumentError, CheckpointSecurityError):
+            raise  # the caller's input, not a failed write
         except Exception as e:
             raise save_failed(self.storage.url(f"{base}.{self.checkpoint_format}"), step, e) from e
         return saved

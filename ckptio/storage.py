@@ -9,11 +9,12 @@ finished temporary locally, a conditional PUT (``mode="xb"``) on stores that sup
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -181,6 +182,14 @@ class Storage:
         """Path usable with open()/mmap, or None when the storage is not the local disk."""
         return self.path(name) if self.is_local else None
 
+    @contextlib.contextmanager
+    def _local(self, name: str) -> Iterator[None]:
+        """A local file call: FileNotFoundError becomes CheckpointNotFoundError naming the URI."""
+        try:
+            yield
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+
     # -- remote calls ------------------------------------------------------------------------
     def _remote(self, what: str, name: str | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call an fsspec method on an object store: bounded in time, failures typed and naming the URI."""
@@ -216,38 +225,28 @@ class Storage:
 
     def read_bytes(self, name: str) -> bytes:
         if self.is_local:
-            try:
-                with open(self.path(name), "rb") as f:
-                    return f.read()
-            except FileNotFoundError as e:
-                raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+            with self._local(name), open(self.path(name), "rb") as f:
+                return f.read()
         return self._remote("read", name, self.fs.cat_file, self.path(name))
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``name`` (one ranged request on object stores)."""
         if self.is_local:
-            try:
-                with open(self.path(name), "rb") as f:
-                    f.seek(start)
-                    return f.read(end - start)
-            except FileNotFoundError as e:
-                raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
+            with self._local(name), open(self.path(name), "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
         return self._remote("read", name, self.fs.cat_file, self.path(name), start=start, end=end)
 
     def open(self, name: str, mode: str = "rb") -> IO[bytes]:
         if self.is_local:
-            try:
+            with self._local(name):
                 return self.fs.open(self.path(name), mode)
-            except FileNotFoundError as e:
-                raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
         return self._remote("open", name, self.fs.open, self.path(name), mode, timeout=None)
 
     def info(self, name: str) -> FileInfo:
         if self.is_local:
-            try:
+            with self._local(name):
                 info = self.fs.info(self.path(name))
-            except FileNotFoundError as e:
-                raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
         else:
             info = self._remote("stat", name, self.fs.info, self.path(name))
         version = next(
@@ -360,10 +359,8 @@ class Storage:
     def get_file(self, name: str, local_path: str, *, timeout: float | None = None) -> None:
         """Download ``name`` to a local path (the caller makes that atomic)."""
         if self.is_local:
-            try:
+            with self._local(name):
                 self.fs.get_file(self.path(name), local_path)
-            except FileNotFoundError as e:
-                raise CheckpointNotFoundError(f"{self.url(name)}: no such file") from e
             return
         self._remote("download", name, self.fs.get_file, self.path(name), local_path, timeout=timeout)
 
