@@ -30,6 +30,10 @@ log = logging.getLogger("ckptio")
 _BAR_MIN_BYTES = 64 << 20
 
 
+class _Superseded(Exception):
+    """A newer save of the same checkpoint replaced this job's local files."""
+
+
 class _ProgressBar(Callback):
     """A one-line progress bar on an interactive stderr, for large transfers."""
 
@@ -79,6 +83,7 @@ class Uploader:
         self.file_timeout_s = file_timeout_s
         self.on_uploaded = on_uploaded
         self._pending: collections.deque[UploadJob] = collections.deque()
+        self._newest: dict[str, UploadJob] = {}  # by label: a re-save of a checkpoint supersedes its upload
         self._active: list[UploadJob] = []
         self._failed: list[UploadJob] = []
         self._cv = threading.Condition()
@@ -108,8 +113,13 @@ class Uploader:
                 else:
                     self._cv.wait()
             self._pending.append(job)
+            self._newest[job.label] = job
             self._cv.notify_all()
         return job
+
+    def _superseded(self, job: UploadJob) -> bool:
+        with self._cv:
+            return self._newest.get(job.label) is not job
 
     def _work(self) -> None:
         while True:
@@ -123,6 +133,9 @@ class Uploader:
                 self._cv.notify_all()
             try:
                 self._upload(job)
+            except _Superseded:
+                job.superseded = True
+                log.info("upload of %s superseded by a newer save of the same checkpoint", job.label)
             except BaseException as e:  # recorded and re-raised by close()
                 job.error = e
                 log.error("upload of %s failed for good: %r", job.label, e)
@@ -131,7 +144,7 @@ class Uploader:
                 if job.error is not None:
                     self._failed.append(job)
                 self._cv.notify_all()
-            if job.error is None and self.on_uploaded is not None:
+            if job.error is None and not job.superseded and self.on_uploaded is not None:
                 try:
                     self.on_uploaded(job)
                 except Exception as e:
@@ -144,8 +157,10 @@ class Uploader:
         for name in job.names:
             local = job.source.local_path(name)
             assert local is not None, "uploads start from local files"
-            size = os.path.getsize(local)
             for attempt in range(self.retries + 1):
+                if not os.path.exists(local) and self._superseded(job):
+                    raise _Superseded  # a re-save replaced these files; its own upload follows
+                size = os.path.getsize(local) if os.path.exists(local) else 0
                 if self._stop.is_set():
                     raise UploadError(f"{job.dest.url(name)}: abandoned at close")
                 try:

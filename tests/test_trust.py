@@ -414,3 +414,32 @@ def test_saving_beside_other_files_deletes_only_checkpoint_files(tmp_path, polic
     left = _files(str(tmp_path / "run"))
     assert len(left) == 2 and left[1] == "run.e00000001.pt" and left[0].endswith(".metrics.json")
     assert ckptio.load_from_uri(str(tmp_path / "run")).training_metrics == {"r": 2}
+
+
+def test_a_resave_while_the_previous_save_uploads_supersedes_it(tmp_path, monkeypatch):
+    import threading
+    import uuid
+
+    from archs import MLPArch
+
+    remote = f"memory://resave-{uuid.uuid4().hex[:8]}/run"
+    cfg = ckptio.CheckpointConfig(remote_uri=remote, upload_workers=1, upload_retries=1, upload_backoff_s=0.0)
+    ck = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg)
+    gate, started = threading.Event(), threading.Event()
+    real = ckptio.storage.Storage.put_file
+
+    def gated(self, local_path, name, **kw):
+        if not gate.is_set():
+            started.set()
+            assert gate.wait(timeout=60)
+        return real(self, local_path, name, **kw)
+
+    monkeypatch.setattr(ckptio.storage.Storage, "put_file", gated)
+    w = {"w": torch.ones(4)}
+    ck.save(w, 1, {"save": 1}, {"step": 1})
+    assert started.wait(timeout=60)  # the first save's upload is under way
+    ck.save({"w": torch.full((4,), 2.0)}, 1, {"save": 2}, {"step": 2}, force=True)
+    gate.set()
+    ck.close()  # the first upload is superseded by the second, not a failure
+    art = ckptio.load_from_uri(remote, verify=True)
+    assert art.training_metrics == {"save": 2} and torch.equal(art.state_dict["w"], torch.full((4,), 2.0))
