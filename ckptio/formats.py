@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import mmap
 import os
 import pickle
@@ -69,6 +70,7 @@ _DTYPES: dict[str, torch.dtype] = {
     if hasattr(torch, attr)
 }  # fmt: skip
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+log = logging.getLogger("ckptio")
 # Valid safetensors dtypes whose elements are smaller than a byte: the reference packs them into
 # torch dtypes of another shape; ckptio refuses them by name rather than calling the file corrupt.
 _UNSUPPORTED_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
@@ -533,6 +535,14 @@ def _unpickling_reason(error: BaseException) -> str:
     return " ".join(reason.split()).split(" was not an allowed global")[0][:200]
 
 
+# Where .pt training checkpoints keep the weights, in the order they are looked for.
+PT_WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "policy")
+
+
+def _all_tensors(obj: Mapping[Any, Any]) -> bool:
+    return all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def save_pt(f: IO[bytes], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """torch.save a plain structure (state dict + string metadata) that weights_only loading accepts."""
     state = {k: v.detach().to("cpu") for k, v in tensors.items()}
@@ -571,12 +581,22 @@ def load_pt(
     if isinstance(obj, torch.nn.Module):
         return obj, {}
     metadata: dict[str, str] = {}
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        raw_meta = obj.get("ckptio_metadata") or {}
-        metadata = {str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, Mapping) else {}
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if isinstance(obj, Mapping) and not _all_tensors(obj):
+        # a training checkpoint: weights under one of the usual keys, beside optimizer state, epoch...
+        key = next((k for k in PT_WEIGHT_KEYS if isinstance(obj.get(k), Mapping) and _all_tensors(obj[k])), None)
+        if key is not None:
+            raw_meta = obj.get("ckptio_metadata") or {}
+            metadata = {str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, Mapping) else {}
+            if type(obj.get("epoch")) is int and obj["epoch"] >= 0:
+                metadata.setdefault("ckptio.epoch", str(obj["epoch"]))
+            if key != "state_dict" or "ckptio_metadata" not in obj:
+                metadata["ckptio.pt_key"] = key
+                log.info("%s: weights from the %r entry of a training checkpoint", source, key)
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not _all_tensors(obj):
         raise CheckpointFormatError(
-            f"{source}: expected a state dict (names to tensors) or a module, got {type(obj).__name__}"
+            f"{source}: expected a state dict (names to tensors), a training checkpoint with one under "
+            f"{'/'.join(PT_WEIGHT_KEYS)}, or a module; got {type(obj).__name__}"
+            + (f" with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, Mapping) else "")
         )
     return {str(k): v for k, v in obj.items()}, metadata

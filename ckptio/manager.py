@@ -68,6 +68,7 @@ __all__ = [
 log = logging.getLogger("ckptio")
 
 CHECKPOINTS_DIR = "checkpoints"
+LATEST_SUFFIX = ":latest"
 _LATEST_RETRIES = 5
 
 
@@ -120,6 +121,12 @@ def resolve(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple
     """
     opts = dict(storage_options or {})
     stripped = uri.rstrip("/")
+    if stripped.endswith(LATEST_SUFFIX):  # "<directory>:latest", as existing configs and command lines say
+        directory = stripped.removesuffix(LATEST_SUFFIX).rstrip("/")
+        storage = Storage(directory or "/", opts)
+        if storage.kind() != "directory" and not (not storage.is_local and storage.listdir()):
+            raise CheckpointNotFoundError(f"{uri}: {directory} is not a directory of checkpoints")
+        return _checkpoint_dir(storage), None
     if stripped.endswith(WEIGHT_EXTENSIONS):
         directory, name = posixpath.split(stripped)
         return Storage(directory or ".", opts), name
@@ -495,6 +502,11 @@ def _locate(uri: str, storage_options: Mapping[str, Any] | None) -> tuple[Storag
 
 def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Describe a checkpoint without importing its architecture: format, epoch, tensors, bytes, metrics."""
+    if uri.startswith("mock://"):
+        return {
+            "uri": uri, "format": "mock", "epoch": None, "tensor_count": 0, "total_bytes": 0, "dtypes": {},
+            "metrics": None, "architecture": architecture_to_json(MockArchitecture()), "digest": None, "files": [],
+        }  # fmt: skip
     storage, name = _locate(uri, storage_options)
     obj, metadata = read_weights(storage, name, mmap=None)
     tensors = state_dict_of(obj)
@@ -519,6 +531,7 @@ def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = Non
         "metrics": read_metrics(storage, name, metadata),
         "architecture": architecture,
         "digest": metadata.get("ckptio.crc32"),
+        "weights_key": metadata.get("ckptio.pt_key"),  # a .pt training checkpoint: the entry the weights came from
         "files": [storage.url(n) for n in [*Sidecars.of(name.rsplit(".", 1)[0], metadata, name).names(), name]
                   if storage.exists(n)],
     }  # fmt: skip

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+if __package__ in (None, ""):  # run by path (python launch/train.py): the repository holds launch/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ckptio
 from launch.tasks import BanditTask

@@ -17,10 +17,13 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
+if __package__ in (None, ""):  # run by path (python launch/train.py): the repository holds launch/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import ckptio
-from ckptio.formats import write_safetensors
 from launch.tasks import BanditTask, PolicyConfig
 
 
@@ -145,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         tensors = {f"model.{k}": v for k, v in policy.state_dict().items()}
         for pid, state in optimizer.state_dict()["state"].items():
             tensors.update({f"optim.{pid}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
-        with open(os.path.join(args.dump_state, f"rank{info.rank}.safetensors"), "wb") as f:
-            write_safetensors(f, tensors, {"global_step": str(global_step), "start_epoch": str(ckpt.start_epoch)})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            os.path.join(args.dump_state, f"rank{info.rank}.safetensors"),
+            {"global_step": str(global_step), "start_epoch": str(ckpt.start_epoch)},
+        )
     ckpt.close()  # every rank: waits for the master's last save and uploads, so ranks leave together
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,0 +1,111 @@
+"""Existing runs, URIs and scripts: ':latest' URIs, .pt training checkpoints, mock:// in the CLI, launch/ by path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ckptio
+from ckptio.cli import main
+from conftest import REPO_ROOT
+
+
+@pytest.fixture
+def run(tmp_path, policy):
+    mgr = ckptio.CheckpointManager(str(tmp_path / "runs" / "x"))
+    for epoch in (1, 2, 3):
+        mgr.save_agent({k: v + epoch for k, v in policy.state_dict().items()}, epoch, {"epoch": epoch})
+    return str(tmp_path / "runs" / "x")
+
+
+def test_latest_suffix_on_every_form_of_directory_uri(run, capsys):
+    for uri in (
+        f"{run}/checkpoints:latest",
+        f"file://{run}/checkpoints:latest",
+        f"{run}:latest",  # a run directory means its checkpoints/
+        f"{run}/checkpoints/:latest",
+    ):
+        art = ckptio.load_from_uri(uri)
+        assert (art.epoch, art.training_metrics) == (3, {"epoch": 3}), uri
+    assert [i.epoch for i in ckptio.list_checkpoints(f"{run}:latest")] == [1, 2, 3]
+    assert main(["inspect", f"{run}/checkpoints:latest"]) == 0
+    assert json.loads(capsys.readouterr().out)["epoch"] == 3
+    assert main(["verify", f"{run}:latest"]) == 0
+    with pytest.raises(ckptio.CheckpointNotFoundError, match="not a directory"):
+        ckptio.load_from_uri(f"{run}/checkpoints/x.e00000003.safetensors:latest")
+
+
+def test_latest_suffix_on_object_stores(s3, policy):
+    opts = s3.options()
+    uri = f"s3://{s3.make_bucket()}/runs/x"
+    mgr = ckptio.CheckpointManager(uri, storage_options=opts)
+    mgr.save_agent(policy, 4, {"epoch": 4})
+    mgr.save_agent(policy, 5, {"epoch": 5})
+    assert ckptio.load_from_uri(f"{uri}/checkpoints:latest", storage_options=opts).epoch == 5
+    assert ckptio.load_from_uri(f"{uri}:latest", storage_options=opts).epoch == 5
+    mem = ckptio.CheckpointManager("memory://everyday/run")
+    mem.save_agent(policy, 9)
+    assert ckptio.load_from_uri("memory://everyday/run/checkpoints:latest").epoch == 9
+
+
+@pytest.mark.parametrize("key", ["model", "state_dict", "model_state_dict", "policy"])
+def test_pt_training_checkpoints_load_their_weights_and_epoch(tmp_path, policy, key, capsys):
+    opt = torch.optim.Adam(policy.parameters())
+    policy(torch.randn(2, 6)).sum().backward()
+    opt.step()
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({key: policy.state_dict(), "optimizer": opt.state_dict(), "epoch": 7, "config": {"lr": 1e-3}}, path)
+    art = ckptio.load_from_uri(path)
+    assert art.epoch == 7
+    assert all(torch.equal(art.state_dict[k], v) for k, v in policy.state_dict().items())
+    assert main(["inspect", path]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["weights_key"] == key and info["epoch"] == 7
+
+
+def test_a_pt_with_no_weights_says_what_it_holds(tmp_path):
+    torch.save({"optimizer": {"state": {}}, "epoch": 3}, tmp_path / "opt.pt")
+    with pytest.raises(ckptio.CheckpointFormatError, match=r"keys \['epoch', 'optimizer'\]"):
+        ckptio.load_from_uri(str(tmp_path / "opt.pt"))
+
+
+def test_cli_inspects_mock_uris(capsys):
+    assert main(["inspect", "mock://teacher"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "mock" and info["architecture"]["class_path"] == "ckptio.artifact.MockArchitecture"
+
+
+def _by_path_env() -> dict[str, str]:
+    """No PYTHONPATH: the script must find its own package, as when a user copies the command."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+SMALL = ["--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "16", "--hidden", "16"]
+
+
+def test_launch_scripts_run_by_path_with_python_and_torchrun(tmp_path):
+    train = os.path.join(REPO_ROOT, "launch", "train.py")
+    one = subprocess.run([sys.executable, train, "--run-dir", str(tmp_path / "one"), *SMALL],
+                         cwd=tmp_path, env=_by_path_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", train,
+         "--run-dir", str(tmp_path / "two"), *SMALL],
+        cwd=tmp_path, env=_by_path_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    evaluate = os.path.join(REPO_ROOT, "launch", "evaluate.py")
+    ev = subprocess.run([sys.executable, evaluate, "--uri", str(tmp_path / "two") + ":latest"],
+                        cwd=tmp_path, env=_by_path_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads(ev.stdout.strip().splitlines()[-1])["epoch"] == 2
+    # both runs record the architecture under its package path, whichever way the script was started
+    manifest = json.loads(open(tmp_path / "one" / "checkpoints" / "model_architecture.json").read())
+    assert manifest["class_path"] == "launch.tasks.PolicyConfig"
