@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 import ckptio
 from ckptio.cli import main
-from conftest import REPO_ROOT
 
 
 @pytest.fixture
