@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .architecture import architecture_to_json
-from .errors import ArchitectureError, StateDictMismatchError
+from .errors import ArchitectureError, InvalidArtifactError, StateDictMismatchError
 from .formats import LazyTensors
 
 __all__ = ["MockArchitecture", "MockPolicy", "PolicyArtifact", "env_dims"]
@@ -150,30 +150,30 @@ class PolicyArtifact:
 
     def __post_init__(self) -> None:
         if (self.policy is None) == (self.state_dict is None):
-            raise ArchitectureError(
+            raise InvalidArtifactError(
                 f"{self.source}: a PolicyArtifact holds either a policy module or a state dict, exactly one"
             )
         if self.policy is not None:
             if not isinstance(self.policy, torch.nn.Module):
-                raise ArchitectureError(
+                raise InvalidArtifactError(
                     f"{self.source}: policy must be a torch.nn.Module, got {type(self.policy).__name__}"
                 )
             if self.training_metrics is not None:
-                raise ArchitectureError(f"{self.source}: training_metrics only go with the state-dict form")
+                raise InvalidArtifactError(f"{self.source}: training_metrics only go with the state-dict form")
             self._module = self.policy
         else:
             assert self.state_dict is not None
             lazy = isinstance(self.state_dict, LazyTensors)  # tensors by construction; don't materialize
             bad = [] if lazy else [k for k, v in self.state_dict.items() if not isinstance(v, torch.Tensor)]
             if bad:
-                raise ArchitectureError(f"{self.source}: state dict values must be tensors; not for {bad[:5]}")
+                raise InvalidArtifactError(f"{self.source}: state dict values must be tensors; not for {bad[:5]}")
             if self.policy_architecture is not None and not hasattr(self.policy_architecture, "make_policy"):
-                raise ArchitectureError(f"{self.source}: policy_architecture has no make_policy(env_metadata)")
+                raise InvalidArtifactError(f"{self.source}: policy_architecture has no make_policy(env_metadata)")
         if self.training_metrics is not None:
             try:
                 json.dumps(self.training_metrics, allow_nan=True)
             except (TypeError, ValueError) as e:
-                raise ArchitectureError(f"{self.source}: training_metrics are not JSON-serializable: {e}") from e
+                raise InvalidArtifactError(f"{self.source}: training_metrics are not JSON-serializable: {e}") from e
 
     @property
     def is_instantiated(self) -> bool:

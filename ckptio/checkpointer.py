@@ -13,7 +13,7 @@ import logging
 import posixpath
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,9 @@ class CheckpointConfig:
     upload_retries: int = 5
     upload_backoff_s: float = 0.5
     upload_file_timeout_s: float | None = 600.0
+    # Called (on an upload thread) with a checkpoint's remote weights URI once its upload committed:
+    # hand it to remote evaluation jobs. save() returns the local URI, before the upload is done.
+    on_uploaded: Callable[[str], None] | None = None
     close_timeout_s: float | None = None  # bound on close() waiting for uploads; None waits
     # Async save: the training thread only snapshots tensors to CPU; the rest runs in background.
     async_save: bool = False
@@ -128,6 +131,7 @@ class Checkpointer:
         self._save_error: BaseException | None = None
         self._buffers: dict[str, torch.Tensor] = {}
         self._last_saved: str | None = None
+        self._last_uploaded: str | None = None
         self._closed = False
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -293,6 +297,12 @@ class Checkpointer:
         return module
 
     # -- save ----------------------------------------------------------------------------------
+    def latest_uri(self, remote: bool = False) -> str | None:
+        """The newest checkpoint this job saved: its local URI, or with ``remote`` its remote URI once uploaded."""
+        if remote:
+            return self._last_uploaded
+        return None if self._last_saved is None else self.manager.storage.url(self._last_saved)
+
     def should_save(self, epoch: int) -> bool:
         return epoch % self.config.epoch_interval == 0
 
@@ -431,6 +441,13 @@ class Checkpointer:
     def _after_upload(self, job: UploadJob) -> None:
         """A newer checkpoint is durable remotely: retention may now act on both copies."""
         assert self.remote is not None
+        uri = self.remote.storage.url(job.names[-1])
+        self._last_uploaded = uri
+        if self.config.on_uploaded is not None:
+            try:
+                self.config.on_uploaded(uri)
+            except Exception as e:  # the user's callback must not stop uploads or retention
+                log.error("on_uploaded(%s) raised %r", uri, e)
         # a re-saved epoch's previous files, now that its new weights are committed remotely
         remove_replaced(self.remote.storage, job.label, keep=job.names, other_formats=True)
         with self._prune_lock:

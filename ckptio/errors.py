@@ -92,3 +92,7 @@ def typed_io(target: str, operation: str) -> Iterator[None]:
         raise
     except OSError as e:
         raise storage_failed(target, operation, e) from e
+
+
+class InvalidArtifactError(ArchitectureError, InvalidArgumentError):
+    """A PolicyArtifact built from invalid arguments (both or neither of a module and a state dict, ...)."""

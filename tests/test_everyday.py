@@ -109,3 +109,34 @@ def test_launch_scripts_run_by_path_with_python_and_torchrun(tmp_path):
     # both runs record the architecture under its package path, whichever way the script was started
     manifest = json.loads(open(tmp_path / "one" / "checkpoints" / "model_architecture.json").read())
     assert manifest["class_path"] == "launch.tasks.PolicyConfig"
+
+
+def test_the_remote_uri_of_a_saved_checkpoint(tmp_path, policy):
+    import uuid
+
+    from archs import MLPArch
+
+    remote = f"memory://everyday-{uuid.uuid4().hex[:8]}/run"
+    seen = []
+    cfg = ckptio.CheckpointConfig(remote_uri=remote, on_uploaded=seen.append)
+    ck = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg)
+    local = ck.save(policy, 1, {"r": 1.0})
+    assert ck.latest_uri() == local and local.startswith(str(tmp_path))
+    ck.wait()
+    ck.uploader.wait()
+    assert seen == [ck.latest_uri(remote=True)] and len(seen) == 1
+    assert seen[0].startswith("memory://") and seen[0].endswith(
+        remote[len("memory://") :] + "/checkpoints/run.e00000001.safetensors"
+    )
+    art = ckptio.load_from_uri(seen[0])  # what a remote evaluation job is handed
+    assert art.epoch == 1 and art.training_metrics == {"r": 1.0}
+    ck.close()
+
+
+def test_invalid_arguments_are_value_errors(policy):
+    with pytest.raises(ValueError, match="exactly one"):
+        ckptio.PolicyArtifact(policy=policy, state_dict=policy.state_dict())
+    with pytest.raises(ckptio.ArchitectureError):  # the type existing handlers catch still matches
+        ckptio.PolicyArtifact()
+    with pytest.raises(ValueError, match="keep_last"):
+        ckptio.CheckpointManager("memory://x/run", keep_last=0)
