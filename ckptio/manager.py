@@ -36,6 +36,7 @@ from .policy_io import (
     CheckpointName,
     SavedCheckpoint,
     Sidecars,
+    architecture_record,
     checkpoint_base,
     epoch_of,
     files_of,
@@ -261,29 +262,42 @@ def _load(
 
 
 def convert(src: str, dst: str, *, trusted: bool = False, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Rewrite a checkpoint in the format named by ``dst``'s extension (.safetensors or .pt)."""
+    """Rewrite a checkpoint in the format named by ``dst``'s extension (.safetensors or .pt).
+
+    Copies the weights, metrics, epoch and the architecture record as they are: the architecture's
+    class is never imported.
+    """
     if not dst.endswith(WEIGHT_EXTENSIONS):
         raise CheckpointFormatError(f"{dst}: destination must end in .safetensors or .pt")
-    artifact = load_from_uri(src, trusted=trusted, storage_options=storage_options)
-    state = state_dict_of(artifact.policy) if artifact.policy is not None else dict(artifact.state_dict or {})
-    directory, name = posixpath.split(dst)
-    storage = Storage(directory or ".", dict(storage_options or {}))
-    base, fmt = name.rsplit(".", 1)
-    arch = artifact.policy_architecture
+    with typed_io(src, "reading"):
+        storage, name = _locate(src, storage_options)
+        obj, metadata = read_weights(storage, name, trusted=trusted)
+        metrics = read_metrics(storage, name, metadata) if not isinstance(obj, torch.nn.Module) else None
+        record = architecture_record(storage, name.rsplit(".", 1)[0], metadata)
+    arch_json = None
+    if record is not None:
+        try:
+            arch_json = json.loads(record[1])
+        except ValueError as e:
+            raise CheckpointFormatError(f"{record[0]}: architecture record is not valid JSON: {e}") from None
+    state = state_dict_of(obj)
+    directory, out_name = posixpath.split(dst)
+    out = Storage(directory or ".", dict(storage_options or {}))
+    base, fmt = out_name.rsplit(".", 1)
     try:
         return write_checkpoint(
-            storage,
+            out,
             base,
             state,
-            architecture_json=architecture_to_json(arch) if arch is not None else None,
-            epoch=artifact.epoch,
-            training_metrics=artifact.training_metrics,
+            architecture_json=arch_json,
+            epoch=epoch_of(name, metadata),
+            training_metrics=metrics,
             checkpoint_format=fmt,
         ).uri
     except (CheckpointFormatError, InvalidArgumentError):
         raise
     except Exception as e:
-        raise save_failed(storage.url(name), "converting " + src, e) from e
+        raise save_failed(out.url(out_name), "converting " + src, e) from e
 
 
 class CheckpointManager:

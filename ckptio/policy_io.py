@@ -380,24 +380,26 @@ def read_trainer_state(
     return dict(tensors), meta
 
 
+def architecture_record(storage: Storage, base: str, metadata: Mapping[str, str]) -> tuple[str, Any] | None:
+    """(source, raw JSON) of a checkpoint's architecture: its header, else the run manifest, else a
+    legacy sidecar. Nothing is imported: copying or describing a checkpoint needs no code."""
+    if "ckptio.architecture" in metadata:
+        return storage.url(base) + " header", metadata["ckptio.architecture"]
+    for name in (MANIFEST_NAME, base + LEGACY_ARCH_SUFFIX):
+        data = _read_optional(storage, name)
+        if data is not None:
+            return storage.url(name), data
+    return None
+
+
 def resolve_architecture(
     storage: Storage, base: str, metadata: Mapping[str, str], explicit: Any, allow: Iterable[str]
 ) -> Any:
-    """Explicit argument, else the file's header, else the run manifest, else a legacy sidecar."""
+    """Explicit argument, else the architecture record built through the import allow-list."""
     if explicit is not None:
         return explicit
-    candidates: list[tuple[str, Any]] = []
-    if "ckptio.architecture" in metadata:
-        candidates.append((storage.url(base) + " header", lambda: metadata["ckptio.architecture"]))
-    candidates.append((storage.url(MANIFEST_NAME), lambda: _read_optional(storage, MANIFEST_NAME)))
-    candidates.append(
-        (storage.url(base + LEGACY_ARCH_SUFFIX), lambda: _read_optional(storage, base + LEGACY_ARCH_SUFFIX))
-    )
-    for source, get in candidates:
-        data = get()
-        if data is not None:
-            return architecture_from_json(data, allow=allow, source=source)
-    return None
+    found = architecture_record(storage, base, metadata)
+    return None if found is None else architecture_from_json(found[1], allow=allow, source=found[0])
 
 
 def open_weights(storage: Storage, name: str, local_path: str | None = None) -> IO[bytes]:

@@ -140,3 +140,26 @@ def test_invalid_arguments_are_value_errors(policy):
         ckptio.PolicyArtifact()
     with pytest.raises(ValueError, match="keep_last"):
         ckptio.CheckpointManager("memory://x/run", keep_last=0)
+
+
+def test_convert_and_inspect_never_import_the_users_architecture(tmp_path, policy, capsys, monkeypatch):
+    import importlib
+
+    from ckptio.formats import write_safetensors
+
+    imported = []
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real_import(name, *a))
+    record = {"class_path": "models.TinyLMArch", "config": {"layers": 2}}  # the user's class, not importable here
+    src = tmp_path / "run" / "run.e00000004.safetensors"
+    src.parent.mkdir()
+    with open(src, "wb") as f:
+        write_safetensors(f, policy.state_dict(), {"ckptio.architecture": json.dumps(record), "ckptio.epoch": "4"})
+    for dst in ("c.pt", "c.safetensors"):
+        assert main(["convert", str(src), str(tmp_path / dst)]) == 0, capsys.readouterr().err
+        assert main(["inspect", str(tmp_path / dst)]) == 0
+        info = json.loads(capsys.readouterr().out.split("\n", 1)[1])  # after convert's printed URI
+        assert info["architecture"] == record and info["epoch"] == 4
+    assert imported == []
+    with pytest.raises(ckptio.CheckpointSecurityError, match="allow-list"):  # building it still asks
+        ckptio.load_from_uri(str(tmp_path / "c.safetensors"))
