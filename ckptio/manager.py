@@ -96,6 +96,8 @@ def _scan(storage: Storage, listing: list[str] | None = None) -> list[Checkpoint
         if is_temporary(name) or name.startswith("."):
             continue
         parsed = parse_checkpoint_name(name)
+        if parsed is not None and "/" in parsed.filename and not storage.exists(parsed.filename):
+            continue  # a {run}:v{epoch}/ directory without its weights (yet)
         if parsed is not None:
             key = (parsed.epoch, parsed.run)
             if key not in chosen or parsed > chosen[key]:
@@ -106,6 +108,11 @@ def _scan(storage: Storage, listing: list[str] | None = None) -> list[Checkpoint
         )
         for n in (chosen[k] for k in sorted(chosen))
     ]
+
+
+def _is_legacy(info: CheckpointInfo) -> bool:
+    parsed = parse_checkpoint_name(info.name)
+    return parsed is not None and parsed.legacy_name is not None
 
 
 def _checkpoint_dir(storage: Storage) -> Storage:
@@ -130,9 +137,19 @@ def resolve(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple
         return _checkpoint_dir(storage), None
     if stripped.endswith(WEIGHT_EXTENSIONS):
         directory, name = posixpath.split(stripped)
+        parent, folder = posixpath.split(directory)
+        legacy = parse_checkpoint_name(f"{folder}/{name}")
+        if legacy is not None and legacy.filename == f"{folder}/{name}":  # {run}:v{epoch}/weights.safetensors
+            return Storage(parent or ".", opts), legacy.filename
         return Storage(directory or ".", opts), name
     storage = Storage(stripped or "/", opts)
     kind = storage.kind()
+    parent, folder = posixpath.split(stripped)
+    legacy = parse_checkpoint_name(folder)
+    if kind == "directory" and legacy is not None and "/" in legacy.filename:  # one {run}:v{epoch}/ checkpoint
+        outer = Storage(parent or "/", opts)
+        if outer.exists(legacy.filename):
+            return outer, legacy.filename
     if kind == "directory" or (kind is None and not storage.is_local and storage.listdir()):
         return _checkpoint_dir(storage), None
     directory, base = posixpath.split(stripped)
@@ -489,8 +506,8 @@ class CheckpointManager:
         keep = self.retained(infos, protect)
         deleted = []
         for info in infos:
-            if info.name in keep:
-                continue
+            if info.name in keep or _is_legacy(info):
+                continue  # checkpoints other tools wrote are read and resumed from, never pruned
             self.delete(info, listing)
             deleted.append(info.uri)
         return deleted

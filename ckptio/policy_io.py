@@ -17,7 +17,7 @@ import posixpath
 import re
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import torch
@@ -77,6 +77,7 @@ class CheckpointName:
     format_preference: int  # safetensors sorts after pt, so it wins when both exist for one epoch
     run: str
     fmt: str
+    legacy_name: str | None = field(default=None, compare=False)  # a name another tool wrote, as it is
 
     @property
     def base(self) -> str:
@@ -84,7 +85,18 @@ class CheckpointName:
 
     @property
     def filename(self) -> str:
-        return f"{self.base}.{self.fmt}"
+        return self.legacy_name or f"{self.base}.{self.fmt}"
+
+
+# Names earlier tools wrote, read but never written (':' is unsafe on several filesystems):
+# {run}:v{epoch}.pt|.safetensors, {run}__e{epoch}__s{step}__t{seconds}__sc{score}.pt, and a directory
+# {run}:v{epoch}/ holding weights.safetensors.
+_VERSIONED_RE = re.compile(r"^(?P<run>[^/]+):v(?P<epoch>\d+)\.(?P<fmt>safetensors|pt)$")
+_STEP_SCORE_RE = re.compile(
+    r"^(?P<run>[^/]+?)__e(?P<epoch>\d+)__s(?P<step>\d+)__t(?P<seconds>\d+(?:\.\d+)?)__sc(?P<score>-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\.pt$"
+)
+_VERSION_DIR_RE = re.compile(r"^(?P<run>[^/]+):v(?P<epoch>\d+)$")
+VERSION_DIR_WEIGHTS = "weights.safetensors"
 
 
 def sanitize_run_name(name: str) -> str:
@@ -103,13 +115,30 @@ def checkpoint_base(run: str, epoch: int) -> str:
 
 
 def parse_checkpoint_name(filename: str) -> CheckpointName | None:
+    """The run, epoch and format a checkpoint's weights name carries: ckptio's own, or a legacy one."""
     m = _NAME_RE.match(filename)
-    if not m:
+    if m:
+        fmt = m["fmt"]
+        return CheckpointName(int(m["epoch"]), 1 if fmt == "safetensors" else 0, m["run"], fmt)
+    m = _VERSIONED_RE.match(filename) or _STEP_SCORE_RE.match(filename)
+    if m:
+        fmt = filename.rsplit(".", 1)[1]
+        return CheckpointName(int(m["epoch"]), 1 if fmt == "safetensors" else 0, m["run"], fmt, legacy_name=filename)
+    directory, _, leaf = filename.partition("/")
+    m = _VERSION_DIR_RE.match(directory)
+    if m and leaf in ("", VERSION_DIR_WEIGHTS):
+        return CheckpointName(
+            int(m["epoch"]), 1, m["run"], "safetensors", legacy_name=f"{directory}/{VERSION_DIR_WEIGHTS}"
+        )
+    return None
+
+
+def legacy_name_metrics(filename: str) -> dict[str, Any] | None:
+    """Step, time and score carried by a {run}__e{epoch}__s{step}__t{seconds}__sc{score}.pt name."""
+    m = _STEP_SCORE_RE.match(filename)
+    if m is None:
         return None
-    fmt = m["fmt"]
-    return CheckpointName(
-        epoch=int(m["epoch"]), format_preference=1 if fmt == "safetensors" else 0, run=m["run"], fmt=fmt
-    )
+    return {"agent_step": int(m["step"]), "time_s": float(m["seconds"]), "score": float(m["score"])}
 
 
 def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -333,7 +362,7 @@ def read_metrics(storage: Storage, weights: str, metadata: Mapping[str, str] | N
     if data is None:
         if sidecars.declared:
             raise _sidecar_missing(storage, weights, metadata, sidecars.metrics)
-        return None
+        return legacy_name_metrics(weights)
     source = storage.url(sidecars.metrics)
     if sidecars.metrics_crc32 is not None and crc32_hex(data) != sidecars.metrics_crc32:
         raise CorruptCheckpointError(

@@ -163,3 +163,56 @@ def test_convert_and_inspect_never_import_the_users_architecture(tmp_path, polic
     assert imported == []
     with pytest.raises(ckptio.CheckpointSecurityError, match="allow-list"):  # building it still asks
         ckptio.load_from_uri(str(tmp_path / "c.safetensors"))
+
+
+def _legacy_run(d):
+    """A directory as the earlier tools left it, written exactly as they wrote it."""
+    from safetensors.torch import save_file
+
+    def sd(epoch):
+        return {"w": torch.full((3,), float(epoch))}
+
+    torch.save(sd(2), d / "agent__e2__s400__t3__sc0.9.pt")
+    torch.save(sd(3), d / "agent:v3.pt")
+    save_file(sd(4), str(d / "agent:v4.safetensors"))
+    torch.save(sd(5), d / "agent__e5__s1000__t12.5__sc0.75.pt")
+    (d / "agent:v6").mkdir()
+    save_file(sd(6), str(d / "agent:v6" / "weights.safetensors"))
+    (d / "agent:v6" / "policy_spec.json").write_text("{}")
+    (d / "agent:v7").mkdir()  # a checkpoint directory still being written: no weights yet
+
+
+def test_legacy_names_are_discovered_ordered_and_loaded(tmp_path, capsys):
+    _legacy_run(tmp_path)
+    d = str(tmp_path)
+    assert [i.epoch for i in ckptio.list_checkpoints(d)] == [2, 3, 4, 5, 6]
+    art = ckptio.load_from_uri(d)
+    assert art.epoch == 6 and art.state_dict["w"][0].item() == 6.0
+    assert ckptio.load_from_uri(f"{d}:latest").epoch == 6
+    for one, epoch in (
+        ("agent:v3.pt", 3),
+        ("agent:v4.safetensors", 4),
+        ("agent:v6", 6),
+        ("agent:v6/weights.safetensors", 6),
+    ):
+        assert ckptio.load_from_uri(f"{d}/{one}").epoch == epoch, one
+    old = ckptio.load_from_uri(f"{d}/agent__e5__s1000__t12.5__sc0.75.pt")
+    assert old.epoch == 5 and old.training_metrics == {"agent_step": 1000, "time_s": 12.5, "score": 0.75}
+    assert [i.epoch for i in ckptio.select_checkpoints(d, metric="score", count=2)] == [2, 5]
+    assert main(["ls", d]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["2", "3", "4", "5", "6"]
+
+
+def test_legacy_checkpoints_mix_with_ckptio_ones_and_are_never_written_or_pruned(tmp_path):
+    ckdir = tmp_path / "run" / "checkpoints"
+    ckdir.mkdir(parents=True)
+    _legacy_run(ckdir)
+    legacy = set(os.listdir(ckdir))
+    mgr = ckptio.CheckpointManager(str(tmp_path / "run"), keep_last=1, run_name="agent")
+    assert mgr.latest().name == "agent:v6/weights.safetensors"  # a new job resumes the old run
+    for epoch in (7, 8, 9):
+        mgr.save_agent({"w": torch.full((3,), float(epoch))}, epoch)
+    # new saves take ckptio's names; retention pruned ckptio's own, never the other tools' files
+    assert set(os.listdir(ckdir)) == legacy | {"agent.e00000009.safetensors"}
+    assert [i.epoch for i in mgr.list_checkpoints()] == [2, 3, 4, 5, 6, 9]
+    assert ckptio.load_from_uri(str(tmp_path / "run")).epoch == 9
