@@ -187,6 +187,25 @@ def write_before_save(files: dict[str, str], directory: str) -> None:
     os.unlink(tmp)
 
 
+def describe_storage(path: str) -> dict[str, str]:
+    """The filesystem under ``path`` and whether ckptio maps or reads files there, and why."""
+    from ckptio.storage import is_network_filesystem
+
+    real, fstype, best = os.path.realpath(path), "unknown", ""
+    with open("/proc/mounts") as f:
+        for fields in map(str.split, f):
+            mount = fields[1].replace("\\040", " ")
+            if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                best, fstype = mount, fields[2]
+    if is_network_filesystem(path):
+        return {"filesystem": fstype, "reads": "eager",
+                "why": "a network or FUSE filesystem: mapped page faults would be network round trips, so "
+                       "ckptio reads each file in one sequential pass (mmap=True overrides)"}  # fmt: skip
+    return {"filesystem": fstype, "reads": "mmap",
+            "why": "a local filesystem: ckptio maps files, pages load on first touch and processes share "
+                   "the page cache (mmap=False overrides)"}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="64M,1G", help="comma-separated checkpoint sizes (K/M/G)")
@@ -196,7 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat, 1 many-ranks run: a smoke test")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--only", default="", help="comma-separated row-name prefixes to measure (e.g. save.,stall.)")
+    p.add_argument(
+        "--dir", help="where checkpoint files are written and read (a local NVMe, a network mount); default OUT/data"
+    )
+    p.add_argument(
+        "--remote-uri", help="also measure uploading and downloading the checkpoint here (s3://, gs://, ...)"
+    )
+    p.add_argument("--storage-options", help="JSON object for fsspec with --remote-uri: endpoint, credentials")
     args = p.parse_args(argv)
+    opts = json.loads(args.storage_options) if args.storage_options else {}
     if args.quick:
         args.sizes, args.repeats = "2M", 1
     sizes = [parse_size(s) for s in args.sizes.split(",")]
@@ -217,9 +244,16 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    data_root = os.path.abspath(args.dir or os.path.join(args.out, "data"))
+    os.makedirs(data_root, exist_ok=True)
+    env["storage"] = describe_storage(data_root)
+    print(f"files in {data_root} ({env['storage']['filesystem']}): {env['storage']['reads']} reads, "
+          f"{env['storage']['why']}", flush=True)  # fmt: skip
+    if args.remote_uri:
+        env["remote_uri"] = args.remote_uri
     results: dict = {"environment": env, "sizes": {}}
     for size in sizes:
-        data_dir = os.path.join(args.out, "data", str(size))
+        data_dir = os.path.join(data_root, str(size))
         files = prepare(size, data_dir)
         nbytes = int(files["bytes"])
         print(f"== {nbytes / 2**20:.0f} MiB, {files['tensors']} tensors", flush=True)
@@ -262,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
             writes[f"stall.{m}"] = {"op": "stall", "method": m, "out": out, "outputs": [out, out + "-warmup"]}
         writes["limit.copy"] = {"op": "copy", "method": "raw"}
         run_group(writes)
+        if args.remote_uri and wanted("remote."):
+            remote = {"uri": f"{args.remote_uri.rstrip('/')}/ckptio-bench-{size}", "options": opts,
+                      "source": "source.safetensors"}  # fmt: skip
+            source = ckptio.storage.Storage(remote["uri"], opts)
+            source.put_file(files["ckptio"], remote["source"], timeout=None)  # what the downloads read
+            run_group({f"remote.{op}.{m}": {"op": op, "method": m, "remote": remote}
+                       for op in ("upload", "download") for m in ("ckptio", "fsspec")})  # fmt: skip
+            source.delete(remote["source"])
         for m in ("torch_load", "ckptio") if wanted("ranks.") else ():
             reps = [many_ranks(files, m, args.ranks) for _ in range(1 if args.quick else args.repeats)]
             rows[f"ranks.{m}"] = {

@@ -40,6 +40,8 @@ BASELINES = [
     ("limit.header", "load.open.torch_load"),
     ("limit.copy", "save.torch_save"),
     ("limit.", "load.full.torch_load"),
+    ("remote.upload.", "remote.upload.fsspec"),
+    ("remote.download.", "remote.download.fsspec"),
 ]
 
 
@@ -80,6 +82,9 @@ def markdown(results: dict) -> str:
         + f"; median of {env['repeats']} fresh processes.",
         "",
     ]
+    if env.get("storage"):
+        st = env["storage"]
+        lines += [f"Files written and read on {st['filesystem']}: {st['reads']} reads, {st['why']}.", ""]
     for nbytes, entry in results["sizes"].items():
         rows = entry["rows"]
         lines += [
@@ -115,6 +120,19 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {t['target']} | {t['ratio']:.4g} {t['unit']} | {t['bound']} | {'yes' if t['met'] else 'NO'} |"
             )
+        transfers = [
+            (k, r) for k, r in rows.items() if k.startswith("remote.") and "bytes" in r.get("samples", [{}])[0]
+        ]
+        if transfers:
+            lines += ["", f"Object storage ({env.get('remote_uri')}): one checkpoint file, through ckptio and "
+                      "through fsspec's own put_file/get_file.", "",
+                      "| transfer | median s | MB/s | x fsspec |", "|---|---:|---:|---:|"]  # fmt: skip
+            for key, r in transfers:
+                base = _median(rows, baseline_of(key) or "")
+                mbps = r["samples"][0]["bytes"] / r["median_s"] / 1e6
+                lines.append(
+                    f"| {key} | {r['median_s']:.3f} | {mbps:.1f} | {r['median_s'] / base:.3g} |" if base else ""
+                )
         context = [(name, _median(rows, a), _median(rows, b), unit) for name, a, b, unit in CONTEXT]
         lines += ["", "| comparison (no target) | ratio |", "|---|---:|"]
         lines += [f"| {name} | {a / b:.3g} {unit} |" for name, a, b, unit in context if a and b]

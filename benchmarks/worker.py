@@ -176,6 +176,10 @@ def run(spec: dict) -> dict:
             module.load_state_dict(torch.load(files["pt"], weights_only=True))
         result["seconds"] = time.perf_counter() - t
         result["params"] = sum(p.numel() for p in module.parameters())
+    elif op in ("upload", "download"):
+        result.update(_transfer(op, method, files["ckptio"], spec["remote"]))
+        result["peak_rss_delta"] = max(_peak() - rss0, 0)
+        return result
     elif op in ("save", "stall"):
         sd = {k: v.clone() for k, v in load("ckptio", files).items()}  # resident, as after training
         _reset_peak()
@@ -190,6 +194,41 @@ def run(spec: dict) -> dict:
         raise ValueError(op)
     result["peak_rss_delta"] = max(_peak() - rss0, 0)
     return result
+
+
+def _transfer(op: str, method: str, local: str, remote: dict) -> dict:
+    """One checkpoint file to or from object storage: through ckptio, or fsspec's own put/get of the same bytes."""
+    import shutil
+    import tempfile
+    import uuid
+
+    import fsspec
+
+    from ckptio.cache import NodeCache
+    from ckptio.storage import Storage
+
+    uri, opts = remote["uri"], remote["options"]
+    storage = Storage(uri, opts)
+    fs, root = fsspec.core.url_to_fs(uri, **opts)
+    if op == "upload":
+        name = f"upload-{uuid.uuid4().hex[:8]}.safetensors"
+        t = time.perf_counter()
+        if method == "ckptio":  # the call ckptio's background uploader makes
+            storage.put_file(local, name, timeout=None)
+        else:
+            fs.put_file(local, f"{root.rstrip('/')}/{name}")
+        seconds = time.perf_counter() - t
+        storage.delete(name)
+    else:
+        scratch = tempfile.mkdtemp(dir=os.path.dirname(local))
+        t = time.perf_counter()
+        if method == "ckptio":  # a resume's download into the node cache: temporary, fsync, rename
+            NodeCache(scratch).fetch(storage, remote["source"])
+        else:
+            fs.get_file(f"{root.rstrip('/')}/{remote['source']}", os.path.join(scratch, "copy"))
+        seconds = time.perf_counter() - t
+        shutil.rmtree(scratch)
+    return {"seconds": seconds, "bytes": os.path.getsize(local)}
 
 
 def _save(method: str, op: str, sd: dict[str, torch.Tensor], out: str) -> dict:

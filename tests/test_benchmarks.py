@@ -1,6 +1,7 @@
 """The benchmark harness in --quick mode: structure and sanity, never timings."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -65,3 +66,30 @@ def test_report_divides_each_row_by_the_pickle_row_of_the_same_operation():
     measurements = md[md.index("| measurement |") :].split("\n\n")[0].splitlines()
     assert any(line.startswith("| ranks.ckptio") for line in measurements)
     assert {line.count("|") for line in measurements} == {measurements[0].count("|")}
+
+
+def test_storage_benchmark_on_a_directory_and_a_bucket(tmp_path, s3):
+    """--dir puts every file there and says how ckptio reads it; --remote-uri measures transfers both ways."""
+    bucket = s3.make_bucket()
+    out, where = tmp_path / "bench", tmp_path / "user-disk"
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--dir", str(where),
+           "--remote-uri", f"s3://{bucket}/bench", "--storage-options", json.dumps(s3.options()),
+           "--only", "remote.,load.open.ckptio,save.ckptio"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"files in {where}" in proc.stdout and "mmap reads" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["environment"]["storage"]["reads"] == "mmap"
+    (entry,) = results["sizes"].values()
+    rows = entry["rows"]
+    for key in ("remote.upload.ckptio", "remote.upload.fsspec", "remote.download.ckptio", "remote.download.fsspec"):
+        assert rows[key]["median_s"] > 0 and rows[key]["samples"][0]["bytes"] == entry["file_bytes"], key
+    assert {"load.open.ckptio", "save.ckptio"} <= set(rows) and not any(k.startswith("ranks.") for k in rows)
+    assert os.listdir(where)  # the files lived under --dir, not under --out
+    assert not (out / "data").exists()
+    report = (out / "results.md").read_text()
+    assert "| remote.download.ckptio |" in report and "mmap reads" in report
+    import s3fs
+
+    left = s3fs.S3FileSystem(**s3.options()).find(f"{bucket}/bench")
+    assert left == [], left  # uploads and the download source are removed
