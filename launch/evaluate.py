@@ -23,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage-options", help="JSON passed to fsspec")
+    p.add_argument("--allow", action="append", default=[], metavar="MODULE",
+                   help="also import architecture classes from this module prefix (repeatable); launch is allowed")  # fmt: skip
     args = p.parse_args(argv)
     opts = json.loads(args.storage_options) if args.storage_options else None
-    artifact = ckptio.load_from_uri(args.uri, allow=["launch"], storage_options=opts)
+    artifact = ckptio.load_from_uri(args.uri, allow=["launch", *args.allow], storage_options=opts)
     task = BanditTask()
     policy = artifact.instantiate(task.metadata)  # the environment's metadata is known only now
     policy.eval()

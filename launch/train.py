@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--async-save", action="store_true", help="snapshot on the training thread, write in background")
     p.add_argument("--teacher-uri", help="kickstart from a teacher policy at any URI (mock:// too)")
     p.add_argument("--kickstart-coef", type=float, default=0.5)
+    p.add_argument("--allow", action="append", default=[], metavar="MODULE",
+                   help="also import a teacher's architecture from this module prefix (repeatable)")  # fmt: skip
     p.add_argument("--stop-after-epoch", type=int, help="exit after this epoch, as a preempted job would")
     p.add_argument("--pause-after-epoch", type=int, help="after this epoch's checkpoint, print PAUSED and block")
     p.add_argument("--dump-state", help="directory: each rank writes its final model and optimizer tensors there")
@@ -98,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher = None
     if args.teacher_uri:
-        teacher = ckptio.load_from_uri(args.teacher_uri, allow=["launch"], storage_options=opts).instantiate(
-            task.metadata, device=device
-        )
+        teacher = ckptio.load_from_uri(
+            args.teacher_uri, allow=["launch", *args.allow], storage_options=opts
+        ).instantiate(task.metadata, device=device)
         teacher.eval()
         say(f"kickstarting from teacher {args.teacher_uri} ({type(teacher).__name__})")
 

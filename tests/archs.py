@@ -13,7 +13,10 @@ class MLPArch:
     tied: bool = False
 
     def make_policy(self, env_metadata):
-        return MLP(env_metadata["obs_dim"], self.hidden, env_metadata["num_actions"], self.tied)
+        from ckptio.artifact import env_dims  # a dict or an object with obs_dim / num_actions
+
+        obs_dim, num_actions = env_dims(env_metadata)
+        return MLP(obs_dim, self.hidden, num_actions, self.tied)
 
 
 class MLP(torch.nn.Module):

@@ -216,3 +216,21 @@ def test_legacy_checkpoints_mix_with_ckptio_ones_and_are_never_written_or_pruned
     assert set(os.listdir(ckdir)) == legacy | {"agent.e00000009.safetensors"}
     assert [i.epoch for i in mgr.list_checkpoints()] == [2, 3, 4, 5, 6, 9]
     assert ckptio.load_from_uri(str(tmp_path / "run")).epoch == 9
+
+
+def test_allow_lets_a_launch_script_build_a_users_architecture(tmp_path):
+    """evaluate.py builds only launch's classes unless told --allow MODULE (the import allow-list)."""
+    from archs import MLPArch
+
+    from launch.tasks import BanditTask
+
+    arch = MLPArch()
+    policy = arch.make_policy(BanditTask().metadata)
+    uri = ckptio.save_policy_artifact(str(tmp_path / "user"), policy, arch, epoch=1)
+    evaluate = [sys.executable, os.path.join(REPO_ROOT, "launch", "evaluate.py"), "--uri", uri, "--episodes", "50"]
+    env = dict(_by_path_env(), PYTHONPATH=os.path.join(REPO_ROOT, "tests"))  # archs importable, not allowed
+    refused = subprocess.run(evaluate, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "allow-list" in refused.stderr
+    allowed = subprocess.run([*evaluate, "--allow", "archs"], env=env, capture_output=True, text=True, timeout=120)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert json.loads(allowed.stdout.strip().splitlines()[-1])["policy"] == "MLP"
