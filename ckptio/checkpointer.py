@@ -30,6 +30,7 @@ from .policy_io import (
     check_epoch,
     load_checkpoint,
     read_metadata,
+    read_trainer_state,
     remove_replaced,
     state_dict_of,
 )
@@ -214,9 +215,7 @@ class Checkpointer:
                 found.append((infos[-1].epoch, where == "local", where, infos[-1].name))
         return max(found)[2:] if found else None
 
-    def _load(
-        self, manager: CheckpointManager, info: CheckpointInfo, env_metadata: Any, device: Any, restore_rng: bool
-    ) -> torch.nn.Module:
+    def _load(self, info: CheckpointInfo, env_metadata: Any, device: Any, restore_rng: bool) -> torch.nn.Module:
         if not info.storage.is_local:
             # one download per node: the node's first rank fills the cache, the others wait, then
             # every rank maps the same local file
@@ -232,17 +231,20 @@ class Checkpointer:
                 except Exception as e:
                     error = e
             ranks.raise_together(error)  # in place of a barrier: a failed download stops every rank
-        # metrics play no part in resuming: a damaged metrics file must not stop a run from continuing
         with typed_io(info.uri, "loading"):
+            # the weights' local copy and header, once: both the weights and the trainer state need them
+            local = None if info.storage.is_local else self.cache.fetch(info.storage, info.name)
+            metadata = read_metadata(info.storage, info.name, local)
+            # metrics play no part in resuming: a damaged metrics file must not stop a run from continuing
             artifact = load_checkpoint(
-                info.storage, info.name, policy_architecture=self._architecture, allow=self.allow, cache=self.cache,
+                info.storage, info.name, policy_architecture=self._architecture, allow=self.allow, local_path=local,
                 with_metrics=False,
             )  # fmt: skip
         module = artifact.instantiate(env_metadata, device=device)
         self.trainer_state = None
         try:
             with typed_io(info.uri, "reading the trainer state"):
-                raw = manager.read_trainer_state(info, cache=self.cache)
+                raw = read_trainer_state(info.storage, info.name, metadata, cache=self.cache)
         except CheckpointNotFoundError:
             raise
         except CheckpointError as e:
@@ -287,7 +289,7 @@ class Checkpointer:
         info = manager.info(name)  # from the master's choice: no rank lists again (it may have been pruned since)
         module, error = None, None
         try:
-            module = self._load(manager, info, env_metadata, device, restore_rng)
+            module = self._load(info, env_metadata, device, restore_rng)
         except Exception as e:
             error = e
         ranks.raise_together(error)  # a rank that cannot load stops the others before they train alone

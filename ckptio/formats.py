@@ -44,6 +44,7 @@ from .storage import write_all
 __all__ = [
     "FORMAT_VERSION",
     "SafetensorsHeader",
+    "check_digest",
     "crc32_hex",
     "file_size",
     "load_pt",
@@ -492,11 +493,17 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
 def verify_safetensors(f: IO[bytes], source: str) -> None:
     """Full check: header and offsets, then the CRC-32 of the data section against the header's."""
+    if check_digest(f, source) is None:
+        raise CorruptCheckpointError(f"{source}: no ckptio.crc32 digest in the header; cannot verify contents")
+
+
+def check_digest(f: IO[bytes], source: str) -> dict[str, str] | None:
+    """The header metadata once the data matches its CRC-32; None for a valid file with no digest to check."""
     size = file_size(f)
     hdr = read_header(f, size, source)
     expected = hdr.metadata.get("ckptio.crc32")
     if expected is None:
-        raise CorruptCheckpointError(f"{source}: no ckptio.crc32 digest in the header; cannot verify contents")
+        return None
     f.seek(hdr.data_start)
     crc = 0
     buf = bytearray(min(_CHUNK, max(size - hdr.data_start, 1)))
@@ -512,6 +519,7 @@ def verify_safetensors(f: IO[bytes], source: str) -> None:
         crc = crc32(view[:n], crc)
     if f"{crc:08x}" != expected:
         raise CorruptCheckpointError(f"{source}: content digest mismatch (crc32 {crc:08x}, header says {expected})")
+    return hdr.metadata
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .errors import (
     save_failed,
     typed_io,
 )
-from .formats import verify_safetensors
+from .formats import check_digest
 from .policy_io import (
     MANIFEST_NAME,
     WEIGHT_EXTENSIONS,
@@ -591,14 +591,11 @@ def _verify_weights(storage: Storage, name: str) -> tuple[VerifyResult, dict[str
         return VerifyResult(uri, "unverified", "loads, but .pt files carry no digest"), metadata
     try:
         with open_weights(storage, name) as f:
-            verify_safetensors(f, uri)
-        return VerifyResult(uri, "ok"), read_metadata(storage, name)
-    except CorruptCheckpointError as e:
-        if "no ckptio.crc32 digest" in str(e):
-            return VerifyResult(uri, "unverified", "header and offsets valid; no digest to check contents"), (
-                read_metadata(storage, name)
-            )
-        return VerifyResult(uri, "bad", _detail(e, uri)), None
+            metadata = check_digest(f, uri)
+        if metadata is None:
+            unverified = VerifyResult(uri, "unverified", "header and offsets valid; no digest to check contents")
+            return unverified, read_metadata(storage, name)
+        return VerifyResult(uri, "ok"), metadata
     except CheckpointError as e:
         return VerifyResult(uri, "bad", _detail(e, uri)), None
 
