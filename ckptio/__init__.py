@@ -1,4 +1,21 @@
-"""ckptio: safe, fast checkpoint IO for distributed PyTorch training."""
+"""ckptio: safe, fast checkpoint IO for distributed PyTorch training.
+
+Where each concern lives (data flows down this list, never up):
+
+- ``checkpointer``  Checkpointer: rank coordination in a training loop (who writes, what every rank resumes from)
+- ``async_save``    AsyncSaver: snapshot on the caller's thread, the synchronous save on a worker
+- ``mirror``        RemoteMirror: local checkpoints copied to object storage, retention on both copies
+- ``upload``        Uploader: background upload threads, retries, coalescing
+- ``manager``       CheckpointManager: one run's saves, manifest and retention
+- ``tools``         convert, inspect, verify (what the ``ckptio`` command runs; ``cli`` parses its arguments)
+- ``discovery``     URIs resolved, checkpoints listed, latest and best chosen, ``load_from_uri``
+- ``layout``        one checkpoint's files: names, commit order, sidecars, the manifest; reading them back
+- ``formats``       safetensors and .pt bytes: writer, strict reader, digests
+- ``storage``       one directory on any filesystem (fsspec), atomic writes; ``cache`` the node-local copy
+- beside them: ``architecture`` (class path + config, the import allow-list), ``artifact`` (PolicyArtifact),
+  ``trainer_state`` (optimizer and RNG trees as tensors), ``ranks`` (rank facts, gloo collectives),
+  ``errors`` (the exception types)
+"""
 
 from .architecture import (
     PolicyArchitecture,
@@ -9,6 +26,14 @@ from .architecture import (
 )
 from .artifact import MockArchitecture, MockPolicy, PolicyArtifact
 from .checkpointer import CheckpointConfig, Checkpointer
+from .discovery import (
+    CheckpointInfo,
+    latest,
+    list_checkpoints,
+    load_from_uri,
+    load_policy_artifact,
+    select_checkpoints,
+)
 from .errors import (
     ArchitectureError,
     CheckpointError,
@@ -23,21 +48,10 @@ from .errors import (
     StorageError,
     UploadError,
 )
-from .manager import (
-    CheckpointInfo,
-    CheckpointManager,
-    VerifyResult,
-    convert,
-    latest,
-    list_checkpoints,
-    load_from_uri,
-    select_checkpoints,
-    verify,
-)
-from .policy_io import load_policy_artifact, save_policy_artifact
+from .manager import CheckpointManager, save_policy_artifact
 from .ranks import RankInfo, is_master, rank_info
-
-__version__ = "0.1.0"
+from .tools import VerifyResult, convert, inspect_checkpoint, verify
+from .version import __version__ as __version__
 
 __all__ = [
     "ArchitectureError",
@@ -66,6 +80,7 @@ __all__ = [
     "architecture_from_json",
     "architecture_to_json",
     "convert",
+    "inspect_checkpoint",
     "is_master",
     "latest",
     "list_checkpoints",

@@ -90,7 +90,7 @@ def _config_of(arch: Any) -> dict[str, Any]:
 
 
 def architecture_to_json(arch: Any) -> dict[str, Any]:
-    """``{"class_path", "config"}`` for an architecture; registers its class as allowed."""
+    """``{"class_path", "config"}`` for an architecture (its class is not added to the allow-list)."""
     if not hasattr(arch, "make_policy"):
         raise ArchitectureError(f"{type(arch).__qualname__} has no make_policy(env_metadata) method")
     config = _config_of(arch)
@@ -98,7 +98,6 @@ def architecture_to_json(arch: Any) -> dict[str, Any]:
         json.dumps(config)
     except (TypeError, ValueError) as e:
         raise ArchitectureError(f"config of {type(arch).__qualname__} is not JSON-serializable: {e}") from e
-    register_architecture(type(arch))
     return {"class_path": class_path_of(arch), "config": config}
 
 

@@ -175,10 +175,6 @@ class PolicyArtifact:
             except (TypeError, ValueError) as e:
                 raise InvalidArtifactError(f"{self.source}: training_metrics are not JSON-serializable: {e}") from e
 
-    @property
-    def is_instantiated(self) -> bool:
-        return self._module is not None
-
     def instantiate(
         self,
         env_metadata: Any = None,

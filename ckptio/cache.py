@@ -10,9 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import uuid
 
-from .storage import TMP_MARK, Storage, _fsync_dir
+from .storage import Storage, atomic_file
 
 __all__ = ["NodeCache", "default_cache_dir"]
 
@@ -46,17 +45,10 @@ class NodeCache:
         if os.path.exists(path):
             os.utime(path)  # recency for LRU eviction
             return path
-        os.makedirs(self.directory, exist_ok=True)
-        tmp = os.path.join(self.directory, f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}.{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_file(path) as tmp:
             storage.get_file(name, tmp, timeout=self.timeout)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(self.directory)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         self.fills += 1
         log.info("cached %s (%d bytes) at %s", storage.url(name), os.path.getsize(path), path)
         self.evict(keep=path)

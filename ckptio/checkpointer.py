@@ -1,17 +1,16 @@
-"""Checkpointer: checkpointing orchestrated inside a (distributed) training loop.
+"""Checkpointer: checkpointing coordinated across the ranks of a training loop.
 
-The master rank writes; every rank loads; the master chooses which checkpoint everyone resumes
-from. Persistence itself is the CheckpointManager's job.
+Rank coordination only: who writes (the master), what every rank resumes from (the master's
+choice), and the collectives that keep ranks together. Persistence is the CheckpointManager's,
+background saving the AsyncSaver's, copies to object storage the RemoteMirror's.
 """
 
 from __future__ import annotations
 
 import atexit
-import datetime
 import json
 import logging
 import posixpath
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,23 +19,15 @@ from typing import Any
 import torch
 
 from . import ranks
-from .architecture import architecture_from_json, architecture_to_json, architectures_equal
+from .async_save import AsyncSaver
 from .cache import DEFAULT_MAX_BYTES, NodeCache
+from .discovery import CheckpointInfo, artifact_of
 from .errors import ArchitectureError, CheckpointError, CheckpointNotFoundError, save_failed, typed_io
-from .manager import CheckpointInfo, CheckpointManager
-from .policy_io import (
-    MANIFEST_NAME,
-    Sidecars,
-    check_epoch,
-    load_checkpoint,
-    read_metadata,
-    read_trainer_state,
-    remove_replaced,
-    state_dict_of,
-)
-from .storage import Storage
+from .layout import check_epoch, state_dict_of
+from .manager import CheckpointManager
+from .mirror import RemoteMirror
 from .trainer_state import capture_rng_state, flatten, restore_rng_state, unflatten
-from .upload import Uploader, UploadJob
+from .upload import Uploader
 
 __all__ = ["CheckpointConfig", "Checkpointer"]
 
@@ -95,7 +86,6 @@ class Checkpointer:
     ):
         self.config = config or CheckpointConfig()
         self._architecture = policy_architecture
-        self._architecture_json = architecture_to_json(policy_architecture)
         self.allow = tuple(allow)
         # the run's name, which its checkpoint files carry: with a remote copy, the durable location
         # names the run, so jobs on other nodes (other local directories) resume the same run
@@ -111,7 +101,7 @@ class Checkpointer:
             storage_options=self.config.storage_options,
         )
         self.remote: CheckpointManager | None = None
-        self.uploader: Uploader | None = None
+        self.mirror: RemoteMirror | None = None
         if self.config.remote_uri:
             self.remote = CheckpointManager(
                 self.config.remote_uri,
@@ -121,18 +111,23 @@ class Checkpointer:
                 run_name=self.manager.run_name,
                 storage_options=self.config.remote_storage_options,
             )
+            self.mirror = RemoteMirror(
+                self.manager,
+                self.remote,
+                on_uploaded=self.config.on_uploaded,
+                workers=self.config.upload_workers,
+                max_pending=self.config.upload_max_pending,
+                coalesce=self.config.upload_coalesce,
+                retries=self.config.upload_retries,
+                backoff_s=self.config.upload_backoff_s,
+                file_timeout_s=self.config.upload_file_timeout_s,
+            )
         self.cache = NodeCache(self.config.cache_dir, self.config.cache_max_bytes)
+        self.async_saver = AsyncSaver()
         self.resumed_from: CheckpointInfo | None = None
         self.trainer_state: Any = None
         self.start_epoch = 0
         self._registered = False
-        self._prune_lock = threading.Lock()
-        self._uploaded_since_resume = False
-        self._save_thread: threading.Thread | None = None
-        self._save_error: BaseException | None = None
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._last_saved: str | None = None
-        self._last_uploaded: str | None = None
         self._closed = False
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -144,48 +139,19 @@ class Checkpointer:
     def rank(self) -> ranks.RankInfo:
         return ranks.rank_info()
 
+    @property
+    def uploader(self) -> Uploader | None:
+        """The background uploader (None without a remote_uri, or before the first upload)."""
+        return self.mirror.uploader if self.mirror is not None else None
+
     # -- manifest ------------------------------------------------------------------------------
-    def _manifest_payload(self) -> bytes:
-        from . import __version__
-
-        doc = dict(self._architecture_json)
-        doc["ckptio_version"] = __version__
-        doc["created_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-        return json.dumps(doc, indent=1, sort_keys=True).encode()
-
     def _check_manifest(self) -> str | None:
         """Write the manifest (locally, and remotely) if absent; an error if one names another architecture."""
         for manager in (self.manager, self.remote):
             if manager is not None:
-                error = self._check_manifest_in(manager.storage)
+                error = manager.ensure_manifest(self._architecture)
                 if error:
                     return error
-        return None
-
-    def _check_manifest_in(self, storage: Storage) -> str | None:
-        target = storage.url(MANIFEST_NAME)
-        try:
-            storage.write_bytes(MANIFEST_NAME, self._manifest_payload(), exclusive=True)
-            return None
-        except FileExistsError:
-            pass
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise save_failed(target, "writing the manifest", e) from e
-        with typed_io(target, "reading the manifest"):
-            raw = storage.read_bytes(MANIFEST_NAME)
-        try:
-            existing = json.loads(raw)
-        except ValueError as e:
-            return f"{storage.url(MANIFEST_NAME)}: manifest is not valid JSON: {e}"
-        if not isinstance(existing, dict) or not architectures_equal(existing, self._architecture_json):
-            return (
-                f"{storage.url(MANIFEST_NAME)}: this run was created with architecture "
-                f"{json.dumps({k: existing.get(k) for k in ('class_path', 'config')} if isinstance(existing, dict) else existing)}"
-                f" but this job uses {json.dumps(self._architecture_json)}; refusing to resume into a different model "
-                "(use a new run directory)"
-            )
         return None
 
     def register(self) -> None:
@@ -196,11 +162,6 @@ class Checkpointer:
         if error:
             raise ArchitectureError(error)
         self._registered = True
-
-    def manifest_architecture(self) -> Any:
-        """The architecture the run's manifest names (imported through the allow-list)."""
-        data = self.manager.storage.read_bytes(MANIFEST_NAME)
-        return architecture_from_json(data, allow=self.allow, source=self.manager.storage.url(MANIFEST_NAME))
 
     # -- resume --------------------------------------------------------------------------------
     def _choose_latest(self) -> tuple[str, str] | None:
@@ -223,28 +184,20 @@ class Checkpointer:
             if self.rank.is_local_master:
                 try:
                     with typed_io(info.uri, "downloading into the node cache"):
-                        local = self.cache.fetch(info.storage, info.name)
-                        metadata = read_metadata(info.storage, info.name, local)
-                        trainer = Sidecars.of(info.base, metadata, info.uri).trainer
-                        if trainer is not None and info.storage.exists(trainer):
-                            self.cache.fetch(info.storage, trainer)
+                        self.manager.cache_checkpoint(info, self.cache)
                 except Exception as e:
                     error = e
             ranks.raise_together(error)  # in place of a barrier: a failed download stops every rank
         with typed_io(info.uri, "loading"):
-            # the weights' local copy and header, once: both the weights and the trainer state need them
-            local = None if info.storage.is_local else self.cache.fetch(info.storage, info.name)
-            metadata = read_metadata(info.storage, info.name, local)
             # metrics play no part in resuming: a damaged metrics file must not stop a run from continuing
-            artifact = load_checkpoint(
-                info.storage, info.name, policy_architecture=self._architecture, allow=self.allow, local_path=local,
-                with_metrics=False,
-            )  # fmt: skip
-        module = artifact.instantiate(env_metadata, device=device)
+            loaded = self.manager.read_checkpoint(
+                info, self.cache, policy_architecture=self._architecture, allow=self.allow, with_metrics=False
+            )
+        module = artifact_of(loaded).instantiate(env_metadata, device=device)
         self.trainer_state = None
         try:
             with typed_io(info.uri, "reading the trainer state"):
-                raw = read_trainer_state(info.storage, info.name, metadata, cache=self.cache)
+                raw = self.manager.read_trainer_state(info, self.cache, loaded.metadata)
         except CheckpointNotFoundError:
             raise
         except CheckpointError as e:
@@ -294,6 +247,8 @@ class Checkpointer:
             error = e
         ranks.raise_together(error)  # a rank that cannot load stops the others before they train alone
         self.resumed_from = info
+        if self.mirror is not None:
+            self.mirror.keep_until_uploaded(info.name)
         self.start_epoch = info.epoch + 1
         log.info("resumed from %s (epoch %d) on rank %d", info.uri, info.epoch, self.rank.rank)
         return module
@@ -302,8 +257,9 @@ class Checkpointer:
     def latest_uri(self, remote: bool = False) -> str | None:
         """The newest checkpoint this job saved: its local URI, or with ``remote`` its remote URI once uploaded."""
         if remote:
-            return self._last_uploaded
-        return None if self._last_saved is None else self.manager.storage.url(self._last_saved)
+            return self.mirror.last_uploaded if self.mirror is not None else None
+        last = self.manager.last_saved
+        return None if last is None else self.manager.storage.url(last)
 
     def should_save(self, epoch: int) -> bool:
         return epoch % self.config.epoch_interval == 0
@@ -340,73 +296,23 @@ class Checkpointer:
             if error:
                 raise ArchitectureError(error)
             self._registered = True
-        self._wait_for_save()  # at most one save in flight
+        self.async_saver.wait()  # at most one save in flight; a failed background save raises here
         weights = state_dict_of(policy)
         trainer = flatten(tree) if tree is not None else None
         uri = self.manager.storage.url(f"{self.manager.base_name(epoch)}.{self.config.checkpoint_format}")
         if not (self.config.async_save if async_ is None else async_):
             self._write(weights, epoch, training_metrics, trainer)
             return uri
-        weights = self._snapshot(weights, "w.")
+        weights = self.async_saver.snapshot(weights, "w.")
         if trainer is not None:
-            trainer = (self._snapshot(trainer[0], "t."), trainer[1])
+            trainer = (self.async_saver.snapshot(trainer[0], "t."), trainer[1])
         metrics = json.loads(json.dumps(training_metrics)) if training_metrics is not None else None
-        self._save_thread = threading.Thread(
-            target=self._write_in_background, args=(weights, epoch, metrics, trainer), name="ckptio-save", daemon=True
-        )
-        self._save_thread.start()
+        self.async_saver.start(self._write, weights, epoch, metrics, trainer)
         return uri
-
-    def _snapshot(self, tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-        """CPU copies the training thread may not touch, in buffers reused from save to save."""
-        out: dict[str, torch.Tensor] = {}
-        by_id: dict[int, torch.Tensor] = {}
-        pin = torch.cuda.is_available()
-        cuda = False
-        for name, t in tensors.items():
-            if id(t) in by_id:  # tied weights stay tied
-                out[name] = by_id[id(t)]
-                continue
-            key = prefix + name
-            buf = self._buffers.get(key)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin and t.is_cuda)
-                self._buffers[key] = buf
-            buf.copy_(t.detach(), non_blocking=t.is_cuda)
-            cuda |= t.is_cuda
-            out[name] = by_id[id(t)] = buf
-        if cuda:
-            torch.cuda.synchronize()
-        return out
-
-    def _write_in_background(self, *args: Any) -> None:
-        try:
-            self._write(*args)
-        except BaseException as e:
-            log.error("background save failed: %s", e)
-            self._save_error = e
 
     def wait(self) -> None:
         """Block until the background save (if any) is written; raise if it failed."""
-        self._wait_for_save()
-
-    def _wait_for_save(self) -> None:
-        if self._save_thread is not None:
-            self._save_thread.join()
-            self._save_thread = None
-        if self._save_error is not None:
-            error, self._save_error = self._save_error, None
-            if isinstance(error, CheckpointError):
-                raise error  # the save's own typed error, the same a synchronous save raises
-            raise save_failed("a background checkpoint", "writing in the background", error) from error
-
-    def _protected(self) -> set[str]:
-        keep = set(self.uploader.in_flight()) if self.uploader is not None else set()
-        if self._last_saved is not None:
-            keep.add(self._last_saved)
-        if self.resumed_from is not None and not self._uploaded_since_resume and self.remote is not None:
-            keep.add(self.resumed_from.name)
-        return keep
+        self.async_saver.wait()
 
     def _write(
         self,
@@ -418,44 +324,16 @@ class Checkpointer:
         saved = self.manager.save_checkpoint(
             weights, epoch, metrics, policy_architecture=self._architecture, trainer_state=trainer, prune=False
         )
-        self._last_saved = saved.weights
         log.info("saved %s", saved.uri)
-        if self.remote is not None:
-            base = self.manager.base_name(epoch)
-            if self.uploader is None:
-                self.uploader = Uploader(
-                    workers=self.config.upload_workers,
-                    max_pending=self.config.upload_max_pending,
-                    coalesce=self.config.upload_coalesce,
-                    retries=self.config.upload_retries,
-                    backoff_s=self.config.upload_backoff_s,
-                    file_timeout_s=self.config.upload_file_timeout_s,
-                    on_uploaded=self._after_upload,
-                )
-            # sidecars first, weights last: on the remote, the weights object is the commit point
-            self.uploader.submit(UploadJob(self.manager.storage, self.remote.storage, list(saved.names), label=base))
+        if self.mirror is not None:
+            self.mirror.submit(saved)
         try:
-            with self._prune_lock:
-                self.manager.prune(protect=self._protected())
+            if self.mirror is not None:
+                self.mirror.prune_local()
+            else:
+                self.manager.prune()
         except Exception as e:
             raise save_failed(saved.uri, "applying retention", e) from e
-
-    def _after_upload(self, job: UploadJob) -> None:
-        """A newer checkpoint is durable remotely: retention may now act on both copies."""
-        assert self.remote is not None
-        uri = self.remote.storage.url(job.names[-1])
-        self._last_uploaded = uri
-        if self.config.on_uploaded is not None:
-            try:
-                self.config.on_uploaded(uri)
-            except Exception as e:  # the user's callback must not stop uploads or retention
-                log.error("on_uploaded(%s) raised %r", uri, e)
-        # a re-saved epoch's previous files, now that its new weights are committed remotely
-        remove_replaced(self.remote.storage, job.label, keep=job.names, other_formats=True)
-        with self._prune_lock:
-            self._uploaded_since_resume = True
-            self.remote.prune(protect=self._protected())
-            self.manager.prune(protect=self._protected())
 
     def close(self) -> None:
         """Every rank: finish the background save and uploads, then leave together; raise if any failed.
@@ -474,10 +352,10 @@ class Checkpointer:
         self._closed = True
         try:
             try:
-                self._wait_for_save()
+                self.async_saver.wait()
             finally:
-                if self.uploader is not None:
-                    self.uploader.close(self.config.close_timeout_s)
+                if self.mirror is not None:
+                    self.mirror.close(self.config.close_timeout_s)
         except Exception as e:
             return e
         return None

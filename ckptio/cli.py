@@ -8,8 +8,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .discovery import list_checkpoints
 from .errors import CheckpointError
-from .manager import convert, inspect_checkpoint, list_checkpoints, verify
+from .tools import convert, inspect_checkpoint, verify
 
 _STATUS = {"ok": "OK        ", "bad": "BAD       ", "unverified": "UNVERIFIED"}
 

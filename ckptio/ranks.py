@@ -24,7 +24,6 @@ __all__ = [
     "all_gather_object",
     "barrier",
     "broadcast_object",
-    "is_local_master",
     "is_master",
     "master_result",
     "raise_together",
@@ -52,6 +51,7 @@ class RankInfo:
 
 
 def _env_int(name: str, default: int) -> int:
+    # torch.distributed has no accessor for LOCAL_WORLD_SIZE (nor for WORLD_SIZE/RANK before init)
     try:
         return int(os.environ.get(name, default))
     except ValueError:
@@ -62,20 +62,16 @@ def rank_info() -> RankInfo:
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_world = _env_int("LOCAL_WORLD_SIZE", world)
-        return RankInfo(rank, _env_int("LOCAL_RANK", rank % local_world), world, local_world)
+        return RankInfo(rank, dist.get_node_local_rank(fallback_rank=rank % local_world), world, local_world)
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
         return RankInfo()
     rank = _env_int("RANK", 0)
-    return RankInfo(rank, _env_int("LOCAL_RANK", 0), world, _env_int("LOCAL_WORLD_SIZE", world))
+    return RankInfo(rank, dist.get_node_local_rank(fallback_rank=0), world, _env_int("LOCAL_WORLD_SIZE", world))
 
 
 def is_master() -> bool:
     return rank_info().is_master
-
-
-def is_local_master() -> bool:
-    return rank_info().is_local_master
 
 
 def _distributed() -> bool:

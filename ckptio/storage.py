@@ -107,12 +107,42 @@ def write_all(f: IO[bytes], data: bytes | memoryview) -> None:
         view = view[n:]
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (the new directory entry survives a power loss)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, *, exclusive: bool = False) -> Iterator[str]:
+    """A temporary path beside ``path`` for the caller to create, fill and fsync; on success it is committed.
+
+    Committing renames it into place (``exclusive``: links it, failing with FileExistsError if
+    ``path`` exists, so exactly one racer wins) and fsyncs the directory. On failure the
+    temporary is removed; ``path`` is untouched either way until the commit.
+    """
+    directory, base = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    if exclusive and os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "write-once file exists", path)
+    tmp = os.path.join(directory, f".{base}{TMP_MARK}{os.getpid()}.{uuid.uuid4().hex[:12]}")
+    try:
+        yield tmp
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(directory)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _pid_alive(pid: int) -> bool:
@@ -249,6 +279,7 @@ class Storage:
                 info = self.fs.info(self.path(name))
         else:
             info = self._remote("stat", name, self.fs.info, self.path(name))
+        # fsspec's ukey() would be a second stat (s3fs: a second HEAD) for what this one already holds
         version = next(
             (
                 str(info[k])
@@ -288,28 +319,11 @@ class Storage:
         return self.write(name, lambda f: write_all(f, data), exclusive=exclusive)
 
     def _write_local(self, path: str, writer: Callable[[IO[bytes]], None], exclusive: bool) -> None:
-        directory, base = os.path.split(path)
-        os.makedirs(directory, exist_ok=True)
-        if exclusive and os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, "write-once file exists", path)
-        tmp = os.path.join(directory, f".{base}{TMP_MARK}{os.getpid()}.{uuid.uuid4().hex[:12]}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
+        with atomic_file(path, exclusive=exclusive) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with open(fd, "wb", buffering=0) as f:
                 writer(f)
-                os.fsync(f.fileno())
-            if exclusive:
-                os.link(tmp, path)  # atomic and fails if path exists: exactly one racer wins
-                os.unlink(tmp)
-            else:
-                os.replace(tmp, path)
-            _fsync_dir(directory)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
 
     def _write_remote(self, path: str, writer: Callable[[IO[bytes]], None], exclusive: bool) -> None:
         name = posixpath.relpath(path, self.root)

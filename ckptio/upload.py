@@ -16,9 +16,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-
-from fsspec.callbacks import Callback
+from dataclasses import dataclass
+from typing import Any
 
 from .errors import UploadError
 from .storage import Storage
@@ -34,20 +33,18 @@ class _Superseded(Exception):
     """A newer save of the same checkpoint replaced this job's local files."""
 
 
-class _ProgressBar(Callback):
-    """A one-line progress bar on an interactive stderr, for large transfers."""
-
-    def __init__(self, label: str):
-        super().__init__()
-        self.label = label
-
-    def call(self, *args, **kwargs) -> None:
-        if self.size:
-            frac = min(self.value / self.size, 1.0)
-            sys.stderr.write(f"\r{self.label} [{'#' * int(frac * 30):<30}] {frac:4.0%}")
-            if frac >= 1.0:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+def _progress_bar(label: str, size: int) -> Any:
+    """fsspec's tqdm bar for a large transfer on an interactive stderr; None without tqdm (an optional extra)."""
+    if size < _BAR_MIN_BYTES or not sys.stderr.isatty():
+        return None
+    try:
+        from fsspec.callbacks import TqdmCallback
+    except ImportError:
+        return None
+    try:
+        return TqdmCallback(tqdm_kwargs={"desc": label, "unit": "B", "unit_scale": True, "leave": False})
+    except ImportError:  # fsspec imports tqdm only when the bar is made
+        return None
 
 
 @dataclass
@@ -58,7 +55,6 @@ class UploadJob:
     dest: Storage
     names: list[str]
     label: str
-    done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     superseded: bool = False
 
@@ -108,7 +104,6 @@ class Uploader:
                 if self.coalesce:
                     dropped = self._pending.popleft()
                     dropped.superseded = True
-                    dropped.done.set()
                     log.warning("uploads behind: skipping %s in favour of %s", dropped.label, job.label)
                 else:
                     self._cv.wait()
@@ -149,7 +144,6 @@ class Uploader:
                     self.on_uploaded(job)
                 except Exception as e:
                     log.error("after uploading %s: %r", job.label, e)
-            job.done.set()
 
     def _upload(self, job: UploadJob) -> None:
         start = time.monotonic()
@@ -164,7 +158,7 @@ class Uploader:
                 if self._stop.is_set():
                     raise UploadError(f"{job.dest.url(name)}: abandoned at close")
                 try:
-                    bar = _ProgressBar(name) if size >= _BAR_MIN_BYTES and sys.stderr.isatty() else None
+                    bar = _progress_bar(name, size)
                     job.dest.put_file(local, name, timeout=self.file_timeout_s, callback=bar)
                     break
                 except Exception as e:
@@ -204,14 +198,13 @@ class Uploader:
                 for job in self._pending:
                     job.error = UploadError(f"{job.label}: never started before close")
                     self._failed.append(job)
-                    job.done.set()
                 self._pending.clear()
-            self._failed_message(extra=f"still uploading after {timeout}s: {stuck}")
+            self._raise_if_failed(extra=f"still uploading after {timeout}s: {stuck}")
         for t in self._threads:  # only reached when everything finished (the branch above raises)
             t.join()
-        self._failed_message()
+        self._raise_if_failed()
 
-    def _failed_message(self, extra: str = "") -> None:
+    def _raise_if_failed(self, extra: str = "") -> None:
         with self._cv:
             failed = list(self._failed)
         if failed or extra:

@@ -8,7 +8,7 @@ import os
 import torch
 
 import ckptio
-from ckptio.policy_io import MANIFEST_NAME
+from ckptio.layout import MANIFEST_NAME
 from ckptio.storage import Storage
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ckptio.cache
-import ckptio.policy_io
+import ckptio.layout
 import ckptio.storage
 from ckptio.storage import Storage
 
@@ -29,7 +29,7 @@ LOCAL_KINDS = ("EIO", "ENOSPC", "EACCES", "short")
 REMOTE_KINDS = ("timeout", "reset")
 _ERRNO = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC, "EACCES": errno.EACCES}
 _OS_CALLS = ("open", "fsync", "replace", "link", "unlink", "makedirs", "listdir")
-_OPENERS = (ckptio.storage, ckptio.policy_io, ckptio.cache)  # modules whose open() reaches files
+_OPENERS = (ckptio.storage, ckptio.layout, ckptio.cache)  # modules whose open() reaches files
 
 
 class InjectedFault(Exception):

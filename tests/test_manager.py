@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ckptio
-from ckptio.manager import resolve
-from ckptio.policy_io import MANIFEST_NAME
+from ckptio.discovery import resolve
+from ckptio.layout import MANIFEST_NAME
 from ckptio.storage import Storage
 
 

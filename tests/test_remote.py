@@ -149,7 +149,7 @@ def test_uploads_in_background_with_retention_both_sides(s3, tmp_path, policy, e
 def _same_save(weights_path):
     """A checkpoint's files as bytes, less what differs between two saves of the same content (save id, names)."""
     from ckptio.formats import read_header
-    from ckptio.policy_io import Sidecars
+    from ckptio.layout import Sidecars
 
     def content(path):
         with open(path, "rb") as f:
@@ -322,7 +322,7 @@ def test_node_cache_is_keyed_by_version_and_bounded(s3, tmp_path, policy):
 
 
 def test_network_filesystems_are_read_eagerly(tmp_path, policy, monkeypatch):
-    from ckptio import policy_io
+    from ckptio import layout
     from ckptio.storage import is_network_filesystem
 
     mounts = tmp_path / "mounts"
@@ -334,7 +334,7 @@ def test_network_filesystems_are_read_eagerly(tmp_path, policy, monkeypatch):
     def mapped(art):
         return any(uri in line for line in open("/proc/self/maps"))
 
-    monkeypatch.setattr(policy_io, "is_network_filesystem", lambda path: True)
+    monkeypatch.setattr(layout, "is_network_filesystem", lambda path: True)
     art = ckptio.load_from_uri(uri)
     assert not mapped(art) and torch.equal(art.state_dict["head.weight"], policy.head.weight)
     forced = ckptio.load_from_uri(uri, mmap=True)  # the explicit override wins

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckptio
-from ckptio import policy_io
+from ckptio import layout
 from ckptio.cli import main
 from ckptio.storage import TMP_MARK
 
@@ -139,7 +139,7 @@ def test_a_reader_never_gets_weights_without_their_metrics(tmp_path, policy, mon
     run = str(tmp_path / "run")
     mgr = ckptio.CheckpointManager(run, keep_last=1)
     mgr.save_agent(policy, 1, {"epoch": 1})
-    real = policy_io.read_weights
+    real = layout.read_weights
     pruned = []
 
     def read_then_prune(storage, name, **kw):
@@ -149,7 +149,7 @@ def test_a_reader_never_gets_weights_without_their_metrics(tmp_path, policy, mon
             mgr.save_agent(_shifted(policy, 2), 2, {"epoch": 2})
         return out
 
-    monkeypatch.setattr(policy_io, "read_weights", read_then_prune)
+    monkeypatch.setattr(layout, "read_weights", read_then_prune)
     art = ckptio.load_from_uri(run)
     assert pruned == ["run.e00000001.safetensors"]
     assert (art.epoch, art.training_metrics) == (2, {"epoch": 2})
@@ -229,7 +229,7 @@ def test_verify_covers_every_file_of_a_checkpoint(tmp_path, arch, env_meta, caps
     assert out.count(trainer) == 1
     with pytest.raises(ckptio.CorruptCheckpointError, match="digest mismatch"):
         ckptio.load_from_uri(run, verify=True)
-    assert not any(r.ok is False and r.uri == weights for r in ckptio.manager.verify(run))
+    assert not any(r.ok is False and r.uri == weights for r in ckptio.verify(run))
 
 
 def test_verify_of_a_stock_safetensors_file_is_unverified_not_bad(tmp_path, capsys):
@@ -296,7 +296,7 @@ def test_strided_conjugate_and_negative_views_save_as_their_values(tmp_path):
     with safe_open(uri, "pt") as f:
         for k, t in tensors.items():
             assert torch.equal(f.get_tensor(k), t.resolve_conj().resolve_neg()), k
-    assert ckptio.manager.verify(uri)[0].status == "ok"
+    assert ckptio.verify(uri)[0].status == "ok"
 
 
 def test_metadata_cannot_move_the_digest_or_set_writer_keys(tmp_path):
@@ -310,7 +310,7 @@ def test_metadata_cannot_move_the_digest_or_set_writer_keys(tmp_path):
         write_safetensors(f, {"w": torch.ones(8)}, sneaky)
     with safe_open(path, "pt") as f:
         assert f.metadata()['x"ckptio.crc32":"'] == 'v"ckptio.crc32":"'
-    assert ckptio.manager.verify(path)[0].status == "ok"
+    assert ckptio.verify(path)[0].status == "ok"
     for key in ("ckptio.crc32", "ckptio.data_bytes"):
         with pytest.raises(ckptio.CheckpointFormatError, match="written by ckptio"):
             write_safetensors(io.BytesIO(), {"w": torch.ones(1)}, {key: "0"})

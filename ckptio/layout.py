@@ -1,4 +1,6 @@
-"""One checkpoint on storage: its file names, and saving/loading its weights and sidecars.
+"""A checkpoint's layout on storage: its file names, the run manifest, writing and reading its files.
+
+This module alone knows which files make up a checkpoint and in which order they are committed.
 
 A checkpoint ``{run}.e{epoch:08d}`` is the weights file (``.safetensors`` or ``.pt``) and optional
 sidecars, named per save: ``{base}.{save_id}.metrics.json`` and ``{base}.{save_id}.trainer.safetensors``.
@@ -11,9 +13,9 @@ were named per save (``{base}.metrics.json``, ``{base}.trainer.safetensors``) st
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
-import posixpath
 import re
 import uuid
 from collections.abc import Iterable, Mapping
@@ -22,8 +24,7 @@ from typing import IO, Any
 
 import torch
 
-from .architecture import architecture_from_json, architecture_to_json
-from .artifact import PolicyArtifact
+from .architecture import architecture_from_json
 from .cache import NodeCache
 from .errors import (
     CheckpointError,
@@ -46,18 +47,25 @@ from .formats import (
 from .storage import Storage, is_network_filesystem
 
 __all__ = [
+    "CHECKPOINTS_DIR",
     "MANIFEST_NAME",
     "CheckpointName",
+    "LoadedCheckpoint",
+    "SavedCheckpoint",
     "Sidecars",
     "checkpoint_base",
-    "load_policy_artifact",
+    "delete_checkpoint",
+    "fetch_local",
+    "load_checkpoint",
     "parse_checkpoint_name",
     "read_metrics",
-    "save_policy_artifact",
+    "read_trainer_state",
     "state_dict_of",
-    "unwrap_module",
+    "write_checkpoint",
+    "write_manifest",
 ]
 
+CHECKPOINTS_DIR = "checkpoints"  # a run directory keeps its checkpoints and manifest here
 MANIFEST_NAME = "model_architecture.json"
 WEIGHT_EXTENSIONS = (".safetensors", ".pt")
 METRICS_SUFFIX = ".metrics.json"
@@ -110,6 +118,13 @@ def check_epoch(epoch: Any) -> int:
     return epoch
 
 
+def check_format(checkpoint_format: Any) -> str:
+    """``checkpoint_format`` itself if ckptio writes it."""
+    if checkpoint_format not in ("safetensors", "pt"):
+        raise CheckpointFormatError(f"unknown checkpoint_format {checkpoint_format!r} (use 'safetensors' or 'pt')")
+    return checkpoint_format
+
+
 def checkpoint_base(run: str, epoch: int) -> str:
     return f"{sanitize_run_name(run)}.e{check_epoch(epoch):08d}"
 
@@ -142,7 +157,11 @@ def legacy_name_metrics(filename: str) -> dict[str, Any] | None:
 
 
 def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside DDP/FSDP-style wrappers and torch.compile."""
+    """The user's module inside DDP/DataParallel wrappers and torch.compile.
+
+    FSDP2 (``fully_shard``) wraps nothing: it changes the module's class in place, so there is no
+    wrapper to unwrap; its parameters are DTensors.
+    """
     while True:
         if hasattr(module, "_orig_mod") and isinstance(module._orig_mod, torch.nn.Module):
             module = module._orig_mod
@@ -158,13 +177,6 @@ def state_dict_of(policy: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[
     if isinstance(policy, Mapping):
         return dict(policy)
     raise CheckpointFormatError(f"cannot save a {type(policy).__name__}: expected a module or a state dict")
-
-
-def _split(base_path: str, storage_options: Mapping[str, Any] | None) -> tuple[Storage, str]:
-    directory, base = posixpath.split(base_path.rstrip("/"))
-    if not base:
-        raise CheckpointFormatError(f"{base_path!r} names no file")
-    return Storage(directory or ".", dict(storage_options or {})), base
 
 
 @dataclass(frozen=True)
@@ -223,8 +235,7 @@ def write_checkpoint(
     replace_other_format: bool = False,
 ) -> SavedCheckpoint:
     """Write the sidecars, then the weights file (the commit point), then drop the files it replaced."""
-    if checkpoint_format not in ("safetensors", "pt"):
-        raise CheckpointFormatError(f"unknown checkpoint_format {checkpoint_format!r} (use 'safetensors' or 'pt')")
+    check_format(checkpoint_format)
     save_id = uuid.uuid4().hex[:12]
     meta: dict[str, str] = {SAVE_ID_KEY: save_id}
     if architecture_json is not None:
@@ -303,32 +314,6 @@ def remove_replaced(storage: Storage, base: str, keep: Iterable[str], *, other_f
     return stale
 
 
-def save_policy_artifact(
-    base_path: str,
-    policy: torch.nn.Module | Mapping[str, torch.Tensor],
-    policy_architecture: Any,
-    training_metrics: Mapping[str, Any] | None = None,
-    detach_buffers: bool = True,
-    *,
-    epoch: int | None = None,
-    checkpoint_format: str = "safetensors",
-    storage_options: Mapping[str, Any] | None = None,
-) -> str:
-    """Write ``{base}.safetensors`` (architecture in its header) and its metrics sidecar; returns the weights URI."""
-    storage, base = _split(base_path, storage_options)
-    arch_json = architecture_to_json(policy_architecture) if policy_architecture is not None else None
-    return write_checkpoint(
-        storage,
-        base,
-        state_dict_of(policy),
-        architecture_json=arch_json,
-        epoch=check_epoch(epoch) if epoch is not None else None,
-        training_metrics=training_metrics,
-        checkpoint_format=checkpoint_format,
-        detach_buffers=detach_buffers,
-    ).uri
-
-
 def _read_optional(storage: Storage, name: str) -> bytes | None:
     try:
         return storage.read_bytes(name)
@@ -395,7 +380,7 @@ def read_trainer_state(
     if name is None:
         return None
     try:
-        local = None if storage.is_local else (cache or NodeCache()).fetch(storage, name)
+        local = fetch_local(storage, name, cache)
         tensors, meta = read_weights(storage, name, mmap=False, verify=verify, local_path=local)
     except CheckpointNotFoundError:
         if sidecars.declared:
@@ -495,6 +480,36 @@ def epoch_of(name: str, metadata: Mapping[str, str]) -> int | None:
     return parsed.epoch if parsed else None
 
 
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What one load read: the weights (or a trusted pickled module), header metadata, metrics, architecture."""
+
+    source: str
+    weights: Mapping[str, torch.Tensor] | torch.nn.Module
+    metadata: dict[str, str]
+    metrics: dict[str, Any] | None
+    architecture: Any
+    epoch: int | None
+
+
+def fetch_local(storage: Storage, name: str, cache: NodeCache | None) -> str | None:
+    """A local path to read ``name`` from: None for local storage, else the node cache's copy.
+
+    Every remote read of a checkpoint's tensors goes through here: one download per node, then mmap.
+    """
+    return None if storage.is_local else (cache or NodeCache()).fetch(storage, name)
+
+
+def cache_checkpoint(storage: Storage, name: str, cache: NodeCache | None) -> None:
+    """Fill the node cache with the files a resume maps: the weights and the trainer state."""
+    if storage.is_local:
+        return
+    local = fetch_local(storage, name, cache)
+    trainer = Sidecars.of(name.rsplit(".", 1)[0], read_metadata(storage, name, local), storage.url(name)).trainer
+    if trainer is not None and storage.exists(trainer):
+        fetch_local(storage, trainer, cache)
+
+
 def load_checkpoint(
     storage: Storage,
     name: str,
@@ -504,64 +519,46 @@ def load_checkpoint(
     trusted: bool = False,
     verify: bool = False,
     allow: Iterable[str] = (),
-    local_path: str | None = None,
     cache: NodeCache | None = None,
     with_metrics: bool = True,
-) -> PolicyArtifact:
-    """Load weights file ``name`` in ``storage`` with its sidecars as a PolicyArtifact.
+) -> LoadedCheckpoint:
+    """Read weights file ``name`` with its metrics and architecture (imported through the allow-list).
 
-    Remote weights go through the node-local ``cache`` (one download, then a local mmap). With
-    ``verify``, every file of the checkpoint is checked against its digest first.
+    With ``verify``, every file of the checkpoint is checked against its digest first.
     """
     source = storage.url(name)
-    if local_path is None and not storage.is_local:
-        local_path = (cache or NodeCache()).fetch(storage, name)
+    local_path = fetch_local(storage, name, cache)
     obj, metadata = read_weights(storage, name, mmap=mmap, trusted=trusted, verify=verify, local_path=local_path)
     if isinstance(obj, torch.nn.Module):
-        return PolicyArtifact(policy=obj, source=source)
-    base = name.rsplit(".", 1)[0]
+        return LoadedCheckpoint(source, obj, metadata, None, None, None)
     metrics = read_metrics(storage, name, metadata) if with_metrics else None
     if verify:
         read_trainer_state(storage, name, metadata, cache=cache, verify=True)
-    arch = resolve_architecture(storage, base, metadata, policy_architecture, allow)
-    return PolicyArtifact(
-        policy_architecture=arch,
-        state_dict=obj,
-        training_metrics=metrics,
-        source=source,
-        epoch=epoch_of(name, metadata),
-    )
+    arch = resolve_architecture(storage, name.rsplit(".", 1)[0], metadata, policy_architecture, allow)
+    return LoadedCheckpoint(source, obj, metadata, metrics, arch, epoch_of(name, metadata))
 
 
-def load_policy_artifact(
-    base_path: str,
-    policy_architecture: Any = None,
-    *,
-    mmap: bool | None = None,
-    trusted: bool = False,
-    verify: bool = False,
-    allow: Iterable[str] = (),
-    storage_options: Mapping[str, Any] | None = None,
-) -> PolicyArtifact:
-    """Load ``{base}.safetensors`` (or ``{base}.pt``, or the exact file named) with its sidecars."""
-    storage, base = _split(base_path, storage_options)
-    if base.endswith(WEIGHT_EXTENSIONS):
-        name = base
-    else:
-        name = next((base + ext for ext in WEIGHT_EXTENSIONS if storage.exists(base + ext)), None)
-        if name is None:
-            raise CheckpointNotFoundError(f"{base_path}: no {base}.safetensors or {base}.pt")
+def delete_checkpoint(storage: Storage, name: str, listing: list[str] | None = None) -> None:
+    """Delete a checkpoint: its weights first (it vanishes at once), then every other file of it."""
+    storage.delete(name)
+    names = files_of(name.rsplit(".", 1)[0], storage.listdir() if listing is None else listing)
+    names.sort(key=lambda n: not n.endswith(WEIGHT_EXTENSIONS))
+    for other in names:
+        if other != name:
+            storage.delete(other)
+
+
+def manifest_payload(architecture_json: Mapping[str, Any], version: str) -> bytes:
+    doc = dict(architecture_json)
+    doc["ckptio_version"] = version
+    doc["created_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+def write_manifest(storage: Storage, architecture_json: Mapping[str, Any], version: str) -> bool:
+    """Write the run's write-once manifest; False if one exists already (it is never overwritten)."""
     try:
-        return load_checkpoint(
-            storage,
-            name,
-            policy_architecture=policy_architecture,
-            mmap=mmap,
-            trusted=trusted,
-            verify=verify,
-            allow=allow,
-        )
-    except CheckpointError:
-        raise
-    except OSError as e:
-        raise CheckpointError(f"{storage.url(name)}: cannot read: {e}") from e
+        storage.write_bytes(MANIFEST_NAME, manifest_payload(architecture_json, version), exclusive=True)
+        return True
+    except FileExistsError:
+        return False

@@ -1,0 +1,76 @@
+"""Asynchronous saving as a wrapper around a synchronous save.
+
+The caller's thread only snapshots tensors into CPU buffers (reused from save to save); the
+synchronous save runs on a worker thread. At most one save is in flight, and a background
+failure is raised by the next call (``wait``, the next save, or close), as Lightning's
+``AsyncCheckpointIO`` wraps any ``CheckpointIO``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, save_failed
+
+__all__ = ["AsyncSaver"]
+
+log = logging.getLogger("ckptio")
+
+
+class AsyncSaver:
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}  # by key, reused while shapes and dtypes stay
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def snapshot(self, tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        """CPU copies the training thread may not touch. Call only with no save in flight (``wait`` first)."""
+        assert self._thread is None, "snapshot while a background save still reads the buffers"
+        out: dict[str, torch.Tensor] = {}
+        by_id: dict[int, torch.Tensor] = {}
+        pin = torch.cuda.is_available()
+        cuda = False
+        for name, t in tensors.items():
+            if id(t) in by_id:  # tied weights stay tied
+                out[name] = by_id[id(t)]
+                continue
+            key = prefix + name
+            buf = self.buffers.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin and t.is_cuda)
+                self.buffers[key] = buf
+            buf.copy_(t.detach(), non_blocking=t.is_cuda)
+            cuda |= t.is_cuda
+            out[name] = by_id[id(t)] = buf
+        if cuda:
+            torch.cuda.synchronize()  # the copies must have landed before the caller's next step
+        return out
+
+    def start(self, save: Callable[..., None], *args: Any) -> None:
+        """Run ``save(*args)`` on the worker thread (after the previous save; its error raises here)."""
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(save, *args), name="ckptio-save", daemon=True)
+        self._thread.start()
+
+    def _run(self, save: Callable[..., None], *args: Any) -> None:
+        try:
+            save(*args)
+        except BaseException as e:
+            log.error("background save failed: %s", e)
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written; raise if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            if isinstance(error, CheckpointError):
+                raise error  # the save's own typed error, the same a synchronous save raises
+            raise save_failed("a background checkpoint", "writing in the background", error) from error

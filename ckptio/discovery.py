@@ -1,0 +1,283 @@
+"""Finding checkpoints: URIs resolved to files, a directory's checkpoints listed, the latest and the best, loads.
+
+Nothing here writes. Saving and retention are the CheckpointManager's; convert, inspect and verify
+are in ``tools``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import posixpath
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .artifact import MockArchitecture, PolicyArtifact
+from .cache import NodeCache
+from .errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    typed_io,
+)
+from .layout import (
+    CHECKPOINTS_DIR,
+    WEIGHT_EXTENSIONS,
+    CheckpointName,
+    LoadedCheckpoint,
+    load_checkpoint,
+    parse_checkpoint_name,
+    read_metrics,
+)
+from .storage import Storage, is_temporary
+
+__all__ = [
+    "LATEST_SUFFIX",
+    "CheckpointInfo",
+    "artifact_of",
+    "best",
+    "checkpoint_metrics",
+    "latest",
+    "list_checkpoints",
+    "load_from_uri",
+    "load_policy_artifact",
+    "locate",
+    "resolve",
+    "scan",
+    "select_checkpoints",
+]
+
+log = logging.getLogger("ckptio")
+
+LATEST_SUFFIX = ":latest"
+LATEST_RETRIES = 5  # "latest" can be pruned between listing and opening it: list again, this many times
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint: its weights URI, epoch, format and the storage it lives in."""
+
+    uri: str
+    name: str
+    epoch: int
+    format: str
+    run: str
+    storage: Storage
+
+    @property
+    def base(self) -> str:
+        return self.name.rsplit(".", 1)[0]
+
+    @property
+    def legacy(self) -> bool:
+        """Named by another tool: read and resumed from, never pruned."""
+        parsed = parse_checkpoint_name(self.name)
+        return parsed is not None and parsed.legacy_name is not None
+
+
+def scan(storage: Storage, listing: list[str] | None = None) -> list[CheckpointInfo]:
+    """Committed checkpoints in a directory, by epoch (then run name); one per run and epoch, safetensors preferred."""
+    chosen: dict[tuple[int, str], CheckpointName] = {}
+    for name in storage.listdir() if listing is None else listing:
+        if is_temporary(name) or name.startswith("."):
+            continue
+        parsed = parse_checkpoint_name(name)
+        if parsed is not None and "/" in parsed.filename and not storage.exists(parsed.filename):
+            continue  # a {run}:v{epoch}/ directory without its weights (yet)
+        if parsed is not None:
+            key = (parsed.epoch, parsed.run)
+            if key not in chosen or parsed > chosen[key]:
+                chosen[key] = parsed
+    return [
+        CheckpointInfo(
+            uri=storage.url(n.filename), name=n.filename, epoch=n.epoch, format=n.fmt, run=n.run, storage=storage
+        )
+        for n in (chosen[k] for k in sorted(chosen))
+    ]
+
+
+def info_of(storage: Storage, name: str) -> CheckpointInfo:
+    """The CheckpointInfo of weights file ``name`` in ``storage`` (without listing it)."""
+    parsed = parse_checkpoint_name(name)
+    if parsed is None:
+        raise CheckpointFormatError(f"{storage.url(name)}: not a checkpoint file name")
+    return CheckpointInfo(storage.url(name), name, parsed.epoch, parsed.fmt, parsed.run, storage)
+
+
+def _checkpoint_dir(storage: Storage) -> Storage:
+    """A run directory means its checkpoints/ folder; any other directory means itself."""
+    if storage.kind(CHECKPOINTS_DIR) == "directory":
+        return Storage(storage.url(CHECKPOINTS_DIR), storage.storage_options)
+    return storage
+
+
+def resolve(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Storage, str | None]:
+    """(directory storage, weights file name) for a file URI; (checkpoint directory, None) for a directory.
+
+    Not found is CheckpointNotFoundError; an unreachable store is StorageError, never "not found".
+    """
+    opts = dict(storage_options or {})
+    stripped = uri.rstrip("/")
+    if stripped.endswith(LATEST_SUFFIX):  # "<directory>:latest", as existing configs and command lines say
+        directory = stripped.removesuffix(LATEST_SUFFIX).rstrip("/")
+        storage = Storage(directory or "/", opts)
+        if storage.kind() != "directory" and not (not storage.is_local and storage.listdir()):
+            raise CheckpointNotFoundError(f"{uri}: {directory} is not a directory of checkpoints")
+        return _checkpoint_dir(storage), None
+    if stripped.endswith(WEIGHT_EXTENSIONS):
+        directory, name = posixpath.split(stripped)
+        parent, folder = posixpath.split(directory)
+        legacy = parse_checkpoint_name(f"{folder}/{name}")
+        if legacy is not None and legacy.filename == f"{folder}/{name}":  # {run}:v{epoch}/weights.safetensors
+            return Storage(parent or ".", opts), legacy.filename
+        return Storage(directory or ".", opts), name
+    storage = Storage(stripped or "/", opts)
+    kind = storage.kind()
+    parent, folder = posixpath.split(stripped)
+    legacy = parse_checkpoint_name(folder)
+    if kind == "directory" and legacy is not None and "/" in legacy.filename:  # one {run}:v{epoch}/ checkpoint
+        outer = Storage(parent or "/", opts)
+        if outer.exists(legacy.filename):
+            return outer, legacy.filename
+    if kind == "directory" or (kind is None and not storage.is_local and storage.listdir()):
+        return _checkpoint_dir(storage), None
+    directory, base = posixpath.split(stripped)
+    parent = Storage(directory or ".", opts)
+    for ext in WEIGHT_EXTENSIONS:  # a base path without extension
+        if parent.exists(base + ext):
+            return parent, base + ext
+    raise CheckpointNotFoundError(f"{uri}: no such checkpoint file or directory")
+
+
+def list_checkpoints(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[CheckpointInfo]:
+    """Committed checkpoints under a directory URI, oldest first."""
+    storage, name = resolve(uri, storage_options)
+    if name is not None:
+        raise CheckpointFormatError(f"{uri}: is a checkpoint file, not a directory")
+    return scan(storage)
+
+
+def latest(uri: str, storage_options: Mapping[str, Any] | None = None) -> CheckpointInfo:
+    """The checkpoint with the highest epoch under a directory URI."""
+    found = list_checkpoints(uri, storage_options)
+    if not found:
+        raise CheckpointNotFoundError(f"{uri}: no checkpoints in this directory")
+    return found[-1]
+
+
+def locate(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Storage, str]:
+    """(storage, weights name) of a file URI, or of a directory's latest checkpoint."""
+    storage, name = resolve(uri, storage_options)
+    if name is None:
+        info = latest(storage.url(), storage_options)
+        storage, name = info.storage, info.name
+    return storage, name
+
+
+def _metric_value(metrics: Mapping[str, Any] | None, metric: str) -> float | None:
+    value = (metrics or {}).get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def checkpoint_metrics(info: CheckpointInfo) -> dict[str, Any] | None:
+    """The training metrics saved with a checkpoint (None if saved without)."""
+    return read_metrics(info.storage, info.name)
+
+
+def best(
+    infos: list[CheckpointInfo], metric: str | None, mode: str, count: int, *, strict: bool = True
+) -> list[CheckpointInfo]:
+    """The ``count`` best by ``metric`` (newest first without one); ``strict=False`` skips damaged metrics."""
+    if mode not in ("max", "min"):
+        raise InvalidArgumentError(f"mode must be 'max' or 'min', got {mode!r}")
+    if type(count) is not int or count < 1:
+        raise InvalidArgumentError(f"count must be an int >= 1, got {count!r}")
+    if metric is None:
+        return sorted(infos, key=lambda i: i.epoch, reverse=True)[:count]
+    scored = []
+    for info in infos:
+        try:
+            value = _metric_value(checkpoint_metrics(info), metric)
+        except CheckpointNotFoundError:
+            continue  # deleted since it was listed
+        except CorruptCheckpointError as e:
+            if strict:
+                raise
+            log.warning("ranking by %r: ignoring %s (%s)", metric, info.uri, e)
+            continue
+        if value is not None:
+            scored.append((value, info))
+    if infos and not scored and strict:
+        raise InvalidArgumentError(f"no checkpoint has a numeric training metric {metric!r} ({len(infos)} checked)")
+    # ties go to the newer checkpoint
+    ranked = sorted(scored, key=lambda s: (s[0] if mode == "max" else -s[0], s[1].epoch), reverse=True)
+    return [i for _, i in ranked[:count]]
+
+
+def select_checkpoints(
+    uri: str,
+    metric: str | None = None,
+    mode: str = "max",
+    count: int = 1,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[CheckpointInfo]:
+    """The best ``count`` checkpoints by a training metric (newest first when no metric is named)."""
+    return best(list_checkpoints(uri, storage_options), metric, mode, count)
+
+
+def artifact_of(loaded: LoadedCheckpoint) -> PolicyArtifact:
+    if isinstance(loaded.weights, torch.nn.Module):
+        return PolicyArtifact(policy=loaded.weights, source=loaded.source)
+    return PolicyArtifact(
+        policy_architecture=loaded.architecture,
+        state_dict=loaded.weights,
+        training_metrics=loaded.metrics,
+        source=loaded.source,
+        epoch=loaded.epoch,
+    )
+
+
+def load_from_uri(
+    uri: str,
+    policy_architecture: Any = None,
+    *,
+    mmap: bool | None = None,
+    trusted: bool = False,
+    verify: bool = False,
+    allow: Iterable[str] = (),
+    storage_options: Mapping[str, Any] | None = None,
+    cache: NodeCache | None = None,
+) -> PolicyArtifact:
+    """Load a PolicyArtifact from a file, a base path, a directory (its latest checkpoint), a remote URI or ``mock://``.
+
+    ``mmap``: None maps local files and reads network filesystems eagerly; True/False force it.
+    Remote files are downloaded once into the node-local ``cache`` and mapped from there.
+    """
+    if uri.startswith("mock://"):
+        return PolicyArtifact(policy_architecture=MockArchitecture(), state_dict={}, source=uri)
+    kwargs = dict(
+        policy_architecture=policy_architecture, mmap=mmap, trusted=trusted, verify=verify, allow=allow, cache=cache
+    )
+    with typed_io(uri, "loading"):
+        storage, name = resolve(uri, storage_options)
+        if name is not None:
+            return artifact_of(load_checkpoint(storage, name, **kwargs))
+        for attempt in range(LATEST_RETRIES):
+            info = latest(storage.url(), storage_options)
+            try:
+                return artifact_of(load_checkpoint(info.storage, info.name, **kwargs))
+            except CheckpointNotFoundError:
+                if attempt == LATEST_RETRIES - 1:
+                    raise
+    raise AssertionError("unreachable")
+
+
+def load_policy_artifact(base_path: str, policy_architecture: Any = None, **kwargs: Any) -> PolicyArtifact:
+    """Alias of :func:`load_from_uri`, kept for existing callers (a base path without extension resolves too)."""
+    return load_from_uri(base_path, policy_architecture, **kwargs)
