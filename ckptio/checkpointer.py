@@ -18,11 +18,19 @@ from typing import Any
 
 import torch
 
-from . import ranks
+from . import ranks, sharded
 from .async_save import AsyncSaver
 from .cache import DEFAULT_MAX_BYTES, NodeCache
 from .discovery import CheckpointInfo, artifact_of
-from .errors import ArchitectureError, CheckpointError, CheckpointNotFoundError, save_failed, typed_io
+from .errors import (
+    ArchitectureError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    InvalidArgumentError,
+    save_failed,
+    typed_io,
+)
 from .layout import check_epoch, state_dict_of
 from .manager import CheckpointManager
 from .mirror import RemoteMirror
@@ -67,6 +75,9 @@ class CheckpointConfig:
     # A checkpoint saved with trainer state whose trainer-state file is missing or damaged: resuming
     # would silently restart the optimizer and RNG, so it is an error unless this allows it (a warning).
     resume_without_trainer_state: bool = False
+    # Sharded (DTensor/FSDP2) saves: how long a rank waits for another in the gathers before it
+    # gives up with CheckpointSaveError (a rank that died mid-save must not hang the others forever).
+    shard_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.epoch_interval < 1:
@@ -129,6 +140,8 @@ class Checkpointer:
         self.start_epoch = 0
         self._registered = False
         self._closed = False
+        self._shard_group: Any = None
+        self._saved_optimizer: Any = None  # the FQN-keyed optimizer state read at resume
         atexit.register(_close_at_exit, weakref.ref(self))
 
     @property
@@ -176,7 +189,8 @@ class Checkpointer:
                 found.append((infos[-1].epoch, where == "local", where, infos[-1].name))
         return max(found)[2:] if found else None
 
-    def _load(self, info: CheckpointInfo, env_metadata: Any, device: Any, restore_rng: bool) -> torch.nn.Module:
+    def _read(self, info: CheckpointInfo) -> Any:
+        """Every rank: the checkpoint's weights mapped (remote ones through one download per node)."""
         if not info.storage.is_local:
             # one download per node: the node's first rank fills the cache, the others wait, then
             # every rank maps the same local file
@@ -190,14 +204,15 @@ class Checkpointer:
             ranks.raise_together(error)  # in place of a barrier: a failed download stops every rank
         with typed_io(info.uri, "loading"):
             # metrics play no part in resuming: a damaged metrics file must not stop a run from continuing
-            loaded = self.manager.read_checkpoint(
+            return self.manager.read_checkpoint(
                 info, self.cache, policy_architecture=self._architecture, allow=self.allow, with_metrics=False
             )
-        module = artifact_of(loaded).instantiate(env_metadata, device=device)
-        self.trainer_state = None
+
+    def _read_trainer_state(self, info: CheckpointInfo, metadata: Mapping[str, str], restore_rng: bool) -> None:
+        self.trainer_state = self._saved_optimizer = None
         try:
             with typed_io(info.uri, "reading the trainer state"):
-                raw = self.manager.read_trainer_state(info, self.cache, loaded.metadata)
+                raw = self.manager.read_trainer_state(info, self.cache, metadata)
         except CheckpointNotFoundError:
             raise
         except CheckpointError as e:
@@ -211,9 +226,26 @@ class Checkpointer:
         if raw is not None:
             tree = unflatten(*raw, source=info.storage.url(info.base))
             self.trainer_state = tree.get("user")
+            self._saved_optimizer = tree.get("optimizer")
             if restore_rng:
                 self._restore_rng(tree.get("rng") or [])
+
+    def _load(self, info: CheckpointInfo, env_metadata: Any, device: Any, restore_rng: bool) -> torch.nn.Module:
+        loaded = self._read(info)
+        module = artifact_of(loaded).instantiate(env_metadata, device=device)
+        self._read_trainer_state(info, loaded.metadata, restore_rng)
         return module
+
+    def _load_into(
+        self, info: CheckpointInfo, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, restore_rng: bool
+    ) -> None:
+        loaded = self._read(info)
+        if isinstance(loaded.weights, torch.nn.Module):
+            raise CheckpointFormatError(f"{info.uri}: holds a pickled module, not a state dict to load into a model")
+        sharded.load_model_state(model, loaded.weights, info.uri)
+        self._read_trainer_state(info, loaded.metadata, restore_rng)
+        if optimizer is not None:
+            self.load_optimizer(model, optimizer)
 
     def _restore_rng(self, rng: list[Any]) -> None:
         me, world = self.rank.rank, self.rank.world_size
@@ -236,22 +268,60 @@ class Checkpointer:
                 module = self._architecture.make_policy(env_metadata)
             self.resumed_from, self.trainer_state, self.start_epoch = None, None, 0
             return module.to(device) if device is not None else module
-        where, name = chosen
-        manager = self.manager if where == "local" else self.remote
-        assert manager is not None
-        info = manager.info(name)  # from the master's choice: no rank lists again (it may have been pruned since)
+        info = self._info(chosen)
         module, error = None, None
         try:
             module = self._load(info, env_metadata, device, restore_rng)
         except Exception as e:
             error = e
         ranks.raise_together(error)  # a rank that cannot load stops the others before they train alone
+        self._resumed(info)
+        return module
+
+    def load_into(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True
+    ) -> bool:
+        """Every rank: fill an already built (sharded, or on ``meta``) model from the latest checkpoint.
+
+        Each rank reads only its own blocks of the mapped file, at any world size; with
+        ``optimizer``, its state too. Returns False, touching nothing, when there is no checkpoint.
+        """
+        self.register()
+        chosen = ranks.broadcast_object(self._choose_latest())
+        if chosen is None:
+            self.resumed_from, self.trainer_state, self.start_epoch = None, None, 0
+            return False
+        info = self._info(chosen)
+        error = None
+        try:
+            self._load_into(info, model, optimizer, restore_rng)
+        except Exception as e:
+            error = e
+        ranks.raise_together(error)
+        self._resumed(info)
+        return True
+
+    def load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After a resume: restore the optimizer saved with ``save(..., optimizer=)``, sharded or not, any world size."""
+        if self._saved_optimizer is None:
+            raise CheckpointError(
+                "no optimizer state to load: nothing was resumed, or it was saved without save(..., optimizer=)"
+            )
+        source = self.resumed_from.uri if self.resumed_from is not None else "checkpoint"
+        sharded.load_optimizer_state(model, optimizer, self._saved_optimizer, source)
+
+    def _info(self, chosen: tuple[str, str]) -> CheckpointInfo:
+        where, name = chosen
+        manager = self.manager if where == "local" else self.remote
+        assert manager is not None
+        return manager.info(name)  # from the master's choice: no rank lists again (it may have been pruned since)
+
+    def _resumed(self, info: CheckpointInfo) -> None:
         self.resumed_from = info
         if self.mirror is not None:
             self.mirror.keep_until_uploaded(info.name)
         self.start_epoch = info.epoch + 1
         log.info("resumed from %s (epoch %d) on rank %d", info.uri, info.epoch, self.rank.rank)
-        return module
 
     # -- save ----------------------------------------------------------------------------------
     def latest_uri(self, remote: bool = False) -> str | None:
@@ -272,35 +342,47 @@ class Checkpointer:
         trainer_state: Any = None,
         force: bool = False,
         async_: bool | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> str | None:
-        """Save on the master (others return None at once); honours epoch_interval unless forced.
+        """Save on the master (others return None); honours epoch_interval unless forced.
 
-        With ``trainer_state`` (optimizer state, step counters...), every rank's RNG state is
-        gathered too, so call it on every rank. With ``async_`` (default: config.async_save) the
-        call returns once tensors are snapshotted to CPU; writing and uploading run in background.
-        Returns the checkpoint's local URI on the master.
+        With ``trainer_state`` (step counters, schedulers...) or ``optimizer``, every rank's RNG
+        state is gathered too, so call it on every rank. ``optimizer`` is stored keyed by parameter
+        FQN (``load_optimizer`` restores it at any world size). A model with DTensor parameters
+        (FSDP2, tensor parallel) is gathered to the master one tensor at a time: every rank must
+        call it. With ``async_`` (default: config.async_save) the call returns once tensors are
+        snapshotted to CPU; the rest runs in background. Returns the checkpoint's local URI on the master.
         """
         check_epoch(epoch)
         if not force and not self.should_save(epoch):
             return None
+        weights = state_dict_of(policy)
         tree = None
-        if trainer_state is not None:
+        if trainer_state is not None or optimizer is not None:
             rng = ranks.all_gather_object(capture_rng_state())
             tree = {"user": trainer_state, "epoch": epoch, "rng": rng}
-        if not self.rank.is_master:
+            if optimizer is not None:
+                if not isinstance(policy, torch.nn.Module):
+                    raise InvalidArgumentError("save(optimizer=...) needs the model itself, not a state dict")
+                tree["optimizer"] = sharded.optimizer_state(policy, optimizer)
+        trainer = flatten(tree) if tree is not None else None
+        is_sharded = sharded.has_dtensors(weights, trainer[0] if trainer is not None else {})
+        if not is_sharded and not self.rank.is_master:
             return None
         if self._closed:
             raise CheckpointError("Checkpointer is closed")
-        if not self._registered:  # master-only path: no collective here
+        if self.rank.is_master and not self._registered:  # master-only path: no collective here
             error = self._check_manifest()
             if error:
                 raise ArchitectureError(error)
             self._registered = True
-        self.async_saver.wait()  # at most one save in flight; a failed background save raises here
-        weights = state_dict_of(policy)
-        trainer = flatten(tree) if tree is not None else None
         uri = self.manager.storage.url(f"{self.manager.base_name(epoch)}.{self.config.checkpoint_format}")
-        if not (self.config.async_save if async_ is None else async_):
+        in_background = self.config.async_save if async_ is None else async_
+        if is_sharded:
+            self._save_sharded(weights, epoch, training_metrics, trainer, in_background)
+            return uri if self.rank.is_master else None
+        self.async_saver.wait()  # at most one save in flight; a failed background save raises here
+        if not in_background:
             self._write(weights, epoch, training_metrics, trainer)
             return uri
         weights = self.async_saver.snapshot(weights, "w.")
@@ -309,6 +391,72 @@ class Checkpointer:
         metrics = json.loads(json.dumps(training_metrics)) if training_metrics is not None else None
         self.async_saver.start(self._write, weights, epoch, metrics, trainer)
         return uri
+
+    def _save_sharded(
+        self,
+        weights: dict[str, torch.Tensor],
+        epoch: int,
+        metrics: Mapping[str, Any] | None,
+        trainer: tuple[dict[str, torch.Tensor], dict[str, str]] | None,
+        in_background: bool,
+    ) -> None:
+        """Every rank: its blocks of each DTensor go to the master, which streams the full tensors into one file."""
+        if self.config.checkpoint_format != "safetensors":
+            raise CheckpointFormatError("a sharded (DTensor) model is saved as safetensors only")
+        if self._shard_group is None:  # collective: every rank saves
+            self._shard_group = sharded.new_group(self.config.shard_timeout_s)
+        self.async_saver.wait()
+        files = {"w": weights, **({"t": trainer[0]} if trainer is not None else {})}
+        blocks = {(label, k): b for label, d in files.items() for k, b in sharded.local_blocks(d).items()}
+        meta = trainer[1] if trainer is not None else None
+        if not in_background:
+            self._write_sharded(files, blocks, epoch, metrics, meta)
+            return
+        # the training thread's part: this rank's own shards (and the master's plain tensors) into reused buffers
+        local = self.async_saver.snapshot({f"{lb}/{k}": b.local for (lb, k), b in blocks.items()}, "s.")
+        for (lb, k), b in blocks.items():
+            b.local = local[f"{lb}/{k}"]
+        if self.rank.is_master:
+            for label, d in files.items():
+                plain = {k: v for k, v in d.items() if (label, k) not in blocks}
+                files[label] = {**d, **self.async_saver.snapshot(plain, f"{label}.")}
+        metrics = json.loads(json.dumps(metrics)) if metrics is not None else None
+        self.async_saver.start(self._write_sharded, files, blocks, epoch, metrics, meta)
+
+    def _write_sharded(
+        self,
+        files: dict[str, dict[str, torch.Tensor]],
+        blocks: dict[tuple[str, str], Any],
+        epoch: int,
+        metrics: Mapping[str, Any] | None,
+        trainer_meta: dict[str, str] | None,
+    ) -> None:
+        target = self.manager.storage.url(f"{self.manager.base_name(epoch)}.safetensors")
+        try:
+            gather = sharded.ShardGather(self._shard_group, files, blocks)
+        except Exception as e:
+            raise save_failed(target, "planning the sharded save", e) from e
+        if not self.rank.is_master:
+            try:
+                gather.serve()
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise save_failed(target, "sending this rank's shards to the master", e) from e
+            return
+        ok = False
+        try:
+            weights = gather.lazy("w", files["w"])
+            trainer = (gather.lazy("t", files["t"]), trainer_meta) if trainer_meta is not None else None
+            self._write(weights, epoch, metrics, trainer)
+            ok = True
+        finally:
+            try:
+                gather.finish(ok)
+            except Exception as e:
+                if ok:
+                    raise save_failed(target, "telling the other ranks the save finished", e) from e
+                log.error("could not tell the other ranks the save failed: %r", e)
 
     def wait(self) -> None:
         """Block until the background save (if any) is written; raise if it failed."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import mmap
 import os
 import pickle
@@ -22,7 +23,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -132,14 +133,50 @@ def _dense_cpu(t: torch.Tensor, key: str, detach: bool) -> torch.Tensor:
     return t
 
 
-def _prepare(tensors: Mapping[str, torch.Tensor], detach: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+class LazyTensor:
+    """A tensor known by dtype and shape now, whose bytes ``materialize()`` produces when the writer reaches it.
+
+    The header of a file is laid out before any data is written, so a sharded tensor can be gathered
+    one at a time while the file streams out: the writer holds one such tensor at a time.
+    """
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], materialize: Callable[[], torch.Tensor]):
+        self.dtype, self.shape, self._materialize = dtype, tuple(shape), materialize
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def materialize(self, key: str) -> torch.Tensor:
+        t = self._materialize()
+        if t.dtype != self.dtype or tuple(t.shape) != self.shape:
+            raise CheckpointFormatError(
+                f"tensor {key!r} materialized as {t.dtype}{list(t.shape)}, header says {self.dtype}{list(self.shape)}"
+            )
+        return _dense_cpu(t, key, detach=True)
+
+
+def data_order(tensors: Mapping[str, Any]) -> list[str]:
+    """The order tensors' bytes are written in: by decreasing element size, else as given (stable)."""
+    return sorted(tensors, key=lambda k: -tensors[k].element_size())
+
+
+def _prepare(
+    tensors: Mapping[str, torch.Tensor | LazyTensor], detach: bool
+) -> tuple[dict[str, torch.Tensor | LazyTensor], dict[str, str]]:
     """CPU, contiguous tensors with exact aliases (tied weights) reduced to one stored key."""
-    stored: dict[str, torch.Tensor] = {}
+    stored: dict[str, torch.Tensor | LazyTensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
     for key, t in tensors.items():
         if not isinstance(key, str):
             raise CheckpointFormatError(f"state dict key {key!r} is not a string")
+        if isinstance(t, LazyTensor):
+            _dtype_name(t, key)
+            stored[key] = t
+            continue
         if not isinstance(t, torch.Tensor):
             raise CheckpointFormatError(f"state dict value {key!r} is a {type(t).__name__}, not a tensor")
         if key == "__metadata__":
@@ -185,30 +222,25 @@ class _Checksum:
 _DIGEST_PREFIX = b'{"__metadata__":{"ckptio.crc32":"'
 
 
-@dataclass
-class WriteResult:
-    data_bytes: int
-    crc32: str
-
-
 def write_safetensors(
     f: IO[bytes],
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     *,
     detach: bool = True,
-) -> WriteResult:
+) -> None:
     """Stream a safetensors file into ``f``: header, then each tensor's bytes straight from memory.
 
     Tensors are laid out by decreasing element size (header keys keep state-dict order), so every
-    tensor starts aligned for its dtype and can be memory-mapped without a copy.
+    tensor starts aligned for its dtype and can be memory-mapped without a copy. ``LazyTensor``
+    values are materialized one at a time, in ``data_order``, as the writer reaches them.
     """
     if not f.seekable():
         with tempfile.TemporaryFile() as spool:  # the digest goes into the header, after the data
-            result = write_safetensors(spool, tensors, metadata, detach=detach)
+            write_safetensors(spool, tensors, metadata, detach=detach)
             spool.seek(0)
             shutil.copyfileobj(spool, f, _CHUNK)
-        return result
+        return
     stored, aliases = _prepare(tensors, detach)
     user_meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     reserved = sorted(_WRITER_KEYS & user_meta.keys())
@@ -218,7 +250,7 @@ def write_safetensors(
     meta = {"ckptio.crc32": "00000000", **user_meta, "ckptio.format": FORMAT_VERSION}
     if aliases:
         meta["ckptio.aliases"] = json.dumps(aliases)
-    order = sorted(stored, key=lambda k: -stored[k].element_size())
+    order = data_order(stored)
     offsets: dict[str, tuple[int, int]] = {}
     pos = 0
     for key in order:
@@ -240,20 +272,39 @@ def write_safetensors(
         raise AssertionError("ckptio.crc32 is not where the writer put it")
     start = f.tell()
     write_all(f, memoryview(struct.pack("<Q", len(hbytes)) + hbytes))
-    chunks = [
-        view[i : i + _CHUNK] for view in map(_as_bytes, (stored[k] for k in order)) for i in range(0, len(view), _CHUNK)
-    ]
-    crc = _Checksum(chunks)
-    try:
-        for chunk in chunks:
-            write_all(f, chunk)
-    finally:
-        digest = crc.result()
+    if any(isinstance(t, LazyTensor) for t in stored.values()):
+        digest = _write_lazy(f, stored, order)
+    else:
+        chunks = [
+            view[i : i + _CHUNK]
+            for view in map(_as_bytes, (stored[k] for k in order))
+            for i in range(0, len(view), _CHUNK)
+        ]
+        crc = _Checksum(chunks)
+        try:
+            for chunk in chunks:
+                write_all(f, chunk)
+        finally:
+            digest = crc.result()
     end = f.tell()
     f.seek(start + digest_at)
     write_all(f, memoryview(digest.encode()))
     f.seek(end)
-    return WriteResult(data_bytes=pos, crc32=digest)
+
+
+def _write_lazy(f: IO[bytes], stored: Mapping[str, torch.Tensor | LazyTensor], order: list[str]) -> str:
+    """Write tensors one at a time, materializing each lazy one just before its bytes (and dropping it after)."""
+    value = 0
+    for key in order:
+        t = stored[key]
+        data = t.materialize(key) if isinstance(t, LazyTensor) else t
+        view = _as_bytes(data)
+        for i in range(0, len(view), _CHUNK):
+            chunk = view[i : i + _CHUNK]
+            write_all(f, chunk)
+            value = crc32(chunk, value)
+        del data, view
+    return f"{value:08x}"
 
 
 # --------------------------------------------------------------------------------------------

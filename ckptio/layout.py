@@ -372,8 +372,8 @@ def read_trainer_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """The trainer-state tensors and metadata saved with ``weights``; None if it was saved without.
 
-    Read eagerly (the optimizer state is copied into the optimizer anyway) and, by default, checked
-    against its digest: a resume must not continue from a damaged optimizer state.
+    Mapped like the weights (a sharded optimizer takes only its ranks' blocks) and, by default,
+    checked against its digest: a resume must not continue from a damaged optimizer state.
     """
     sidecars = Sidecars.of(weights.rsplit(".", 1)[0], metadata, storage.url(weights))
     name = sidecars.trainer
@@ -381,7 +381,7 @@ def read_trainer_state(
         return None
     try:
         local = fetch_local(storage, name, cache)
-        tensors, meta = read_weights(storage, name, mmap=False, verify=verify, local_path=local)
+        tensors, meta = read_weights(storage, name, verify=verify, local_path=local)
     except CheckpointNotFoundError:
         if sidecars.declared:
             raise _sidecar_missing(storage, weights, metadata, name) from None

@@ -1,0 +1,128 @@
+"""A sharded training job under torchrun (gloo, CPU): FSDP2, tensor parallel, or both on a 2-D mesh.
+
+    sharded_job.py RUN_DIR OUT_DIR --mode fsdp|tp|2d|plain --epochs N [--async] [--load into|policy]
+
+Trains a few Adam steps per epoch and saves every epoch with ckptio (weights and optimizer). Rank 0
+writes torch's own view of the result beside it, for the tests to compare against:
+``OUT/ref.e{epoch}.safetensors`` (get_model_state_dict(full_state_dict=True)) and
+``OUT/ref_optim.e{epoch}.safetensors`` (get_optimizer_state_dict(full_state_dict=True), flattened).
+When RUN_DIR holds a checkpoint, it resumes from it (``--load into``: build on meta, shard, load
+into; ``--load policy``: load the full module, then shard) and writes ``OUT/resumed.safetensors``
+and ``OUT/resumed_optim.safetensors`` right after loading, before any step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+from archs import MLPArch
+from guarded_train import _forbid
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+import ckptio
+
+ENV = {"obs_dim": 8, "num_actions": 4}
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shard(model: torch.nn.Module, mode: str, world: int) -> torch.nn.Module:
+    if mode == "plain":
+        return model
+    if mode == "fsdp":
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in (model.embed, model.body, model.head):
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    if mode == "tp":
+        mesh = init_device_mesh("cpu", (world,))
+        return parallelize_module(model, mesh, {"embed": ColwiseParallel(), "body": RowwiseParallel()})
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))  # "2d": FSDP x TP
+    parallelize_module(model, mesh["tp"], {"embed": ColwiseParallel(), "body": RowwiseParallel()})
+    for layer in (model.embed, model.body, model.head):
+        fully_shard(layer, mesh=mesh["dp"])
+    return fully_shard(model, mesh=mesh["dp"])
+
+
+def flat_optim(osd: dict) -> dict[str, torch.Tensor]:
+    return {f"{fqn}.{k}": v.detach().clone() for fqn, st in osd["state"].items() for k, v in st.items()}
+
+
+def dump(model, opt, out: str, name: str) -> None:
+    sd = get_model_state_dict(model, options=FULL)
+    osd = get_optimizer_state_dict(model, opt, options=FULL)
+    if dist.get_rank() == 0:
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out, f"{name}.safetensors"))
+        save_file(flat_optim(osd), os.path.join(out, f"{name}_optim.safetensors"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--mode", default="fsdp")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--async", dest="async_", action="store_true")
+    p.add_argument("--load", choices=["into", "policy"], default="into")
+    p.add_argument("--in-gather", choices=["die", "hang"], help="rank 1 dies (as if SIGKILLed) or hangs in its first send")
+    p.add_argument("--shard-timeout", type=float, default=60.0)
+    args = p.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.makedirs(args.out, exist_ok=True)
+    if rank != 0:
+        _forbid(args.run_dir)  # only the master touches the run directory: any other rank's write fails the job
+    arch = MLPArch(hidden=16)
+    ckpt = ckptio.Checkpointer(args.run_dir, arch, ckptio.CheckpointConfig(async_save=args.async_, shard_timeout_s=args.shard_timeout))
+    resuming = bool(ckptio.list_checkpoints(args.run_dir)) if os.path.isdir(args.run_dir) else False
+    if resuming and args.load == "policy":
+        model = shard(ckpt.load_or_create_policy(ENV), args.mode, world)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        ckpt.load_optimizer(model, opt)
+    else:
+        torch.manual_seed(0)
+        with torch.device("meta" if resuming else "cpu"):
+            model = arch.make_policy(ENV)
+        model = shard(model, args.mode, world)
+        if resuming:
+            model.to_empty(device="cpu")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        if resuming:
+            assert ckpt.load_into(model, opt)
+    if resuming:
+        dump(model, opt, args.out, "resumed")
+    if args.in_gather and rank == 1:
+
+        def failing_send(*a, **k):
+            if args.in_gather == "die":
+                os._exit(9)  # as a SIGKILLed rank: mid-gather, nothing flushed
+            threading.Event().wait()  # a rank stuck for good (a hung device, a stalled host)
+
+        dist.send = failing_send
+    for epoch in range(ckpt.start_epoch, ckpt.start_epoch + args.epochs):
+        gen = torch.Generator().manual_seed(1000 * epoch + rank)  # the same data whether resumed or not
+        for _ in range(3):
+            opt.zero_grad()
+            x = torch.randn(8, ENV["obs_dim"], generator=gen)
+            model(x).pow(2).mean().backward()
+            if args.mode == "plain":
+                for q in model.parameters():
+                    dist.all_reduce(q.grad)
+            opt.step()
+        ckpt.save(model, epoch, {"epoch": epoch}, optimizer=opt)
+        dump(model, opt, args.out, f"ref.e{epoch}")
+    ckpt.close()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
