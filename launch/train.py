@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc_per_node=2 -m launch.train --run-dir runs/demo --epochs 6
 
-A restart with the same --run-dir resumes from the latest checkpoint: weights, optimizer state,
+With --fsdp the policy is sharded with FSDP2 (fully_shard) instead of wrapped in DDP; checkpoints
+are still one standard safetensors file, written by the master, resumable at any world size. A restart with the same --run-dir resumes from the latest checkpoint: weights, optimizer state,
 epoch, step counter and every rank's RNG state, so it continues the same run.
 """
 
@@ -17,7 +18,9 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 if __package__ in (None, ""):  # run by path (python launch/train.py): the repository holds launch/
@@ -43,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage-options", help="JSON for fsspec (endpoint, credentials) for --remote-uri/--run-dir")
     p.add_argument("--cache-dir", help="node-local cache for checkpoints resumed from object storage")
     p.add_argument("--async-save", action="store_true", help="snapshot on the training thread, write in background")
+    p.add_argument("--fsdp", action="store_true", help="shard the policy with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--teacher-uri", help="kickstart from a teacher policy at any URI (mock:// too)")
     p.add_argument("--kickstart-coef", type=float, default=0.5)
     p.add_argument("--allow", action="append", default=[], metavar="MODULE",
@@ -85,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         allow=["launch"],
     )
     policy = ckpt.load_or_create_policy(task.metadata, device=device)
+    if args.fsdp and dist.is_initialized():
+        # load, then shard: each rank copies only its slice of the memory-mapped checkpoint
+        mesh = init_device_mesh(device.type, (info.world_size,))
+        for layer in policy.modules():
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(policy, mesh=mesh)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     global_step = 0
     if ckpt.resumed_from is not None:
@@ -92,11 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             f"resumed from {ckpt.resumed_from.uri} (epoch {ckpt.resumed_from.epoch}); continuing at epoch {ckpt.start_epoch}"
         )
         if ckpt.trainer_state is not None:
-            optimizer.load_state_dict(ckpt.trainer_state["optimizer"])
+            if "optimizer" in ckpt.trainer_state:  # saved by an unsharded run
+                optimizer.load_state_dict(ckpt.trainer_state["optimizer"])
+            else:  # saved with save(..., optimizer=): keyed by parameter name, any world size, sharded or not
+                ckpt.load_optimizer(policy, optimizer)
             global_step = ckpt.trainer_state["global_step"]
     else:
         say(f"new run in {ckpt.manager.checkpoint_dir} ({info.world_size} ranks)")
-    model = DistributedDataParallel(policy) if dist.is_initialized() else policy
+    model = DistributedDataParallel(policy) if dist.is_initialized() and not args.fsdp else policy
 
     teacher = None
     if args.teacher_uri:
@@ -129,13 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         mean_loss, reward, mean_kl = (total / (args.steps_per_epoch * info.world_size)).tolist()
         kick = f" kickstart KL {mean_kl:.4f}" if teacher is not None else ""
         say(f"epoch {epoch}: loss {mean_loss:.4f} reward {reward:.3f}{kick}")
-        uri = ckpt.save(
-            model,
-            epoch,
-            {"loss": mean_loss, "reward": reward, "global_step": global_step},
-            trainer_state={"optimizer": optimizer.state_dict(), "global_step": global_step},
-            force=epoch == args.epochs,
-        )
+        metrics = {"loss": mean_loss, "reward": reward, "global_step": global_step}
+        if args.fsdp:  # every rank takes part: the master gathers one tensor at a time and writes
+            uri = ckpt.save(
+                model, epoch, metrics, {"global_step": global_step}, optimizer=optimizer, force=epoch == args.epochs
+            )
+        else:
+            uri = ckpt.save(
+                model,
+                epoch,
+                metrics,
+                trainer_state={"optimizer": optimizer.state_dict(), "global_step": global_step},
+                force=epoch == args.epochs,
+            )
         if uri:
             say(f"  checkpoint {uri}")
         if args.pause_after_epoch == epoch:
@@ -146,12 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             break
 
     if args.dump_state:
+        from safetensors.torch import save_file  # the tests' reference writer, not a dependency of the job
+
         os.makedirs(args.dump_state, exist_ok=True)
         tensors = {f"model.{k}": v for k, v in policy.state_dict().items()}
         for pid, state in optimizer.state_dict()["state"].items():
             tensors.update({f"optim.{pid}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
         save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
+            {k: (v.full_tensor() if isinstance(v, DTensor) else v).contiguous() for k, v in tensors.items()},
             os.path.join(args.dump_state, f"rank{info.rank}.safetensors"),
             {"global_step": str(global_step), "start_epoch": str(ckpt.start_epoch)},
         )

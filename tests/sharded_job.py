@@ -72,7 +72,9 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--async", dest="async_", action="store_true")
     p.add_argument("--load", choices=["into", "policy"], default="into")
-    p.add_argument("--in-gather", choices=["die", "hang"], help="rank 1 dies (as if SIGKILLed) or hangs in its first send")
+    p.add_argument(
+        "--in-gather", choices=["die", "hang"], help="rank 1 dies (as if SIGKILLed) or hangs in its first send"
+    )
     p.add_argument("--shard-timeout", type=float, default=60.0)
     args = p.parse_args()
     dist.init_process_group("gloo")
@@ -81,7 +83,9 @@ def main() -> int:
     if rank != 0:
         _forbid(args.run_dir)  # only the master touches the run directory: any other rank's write fails the job
     arch = MLPArch(hidden=16)
-    ckpt = ckptio.Checkpointer(args.run_dir, arch, ckptio.CheckpointConfig(async_save=args.async_, shard_timeout_s=args.shard_timeout))
+    ckpt = ckptio.Checkpointer(
+        args.run_dir, arch, ckptio.CheckpointConfig(async_save=args.async_, shard_timeout_s=args.shard_timeout)
+    )
     resuming = bool(ckptio.list_checkpoints(args.run_dir)) if os.path.isdir(args.run_dir) else False
     if resuming and args.load == "policy":
         model = shard(ckpt.load_or_create_policy(ENV), args.mode, world)

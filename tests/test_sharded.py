@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import ckptio
 from ckptio.trainer_state import unflatten
+from launch.tasks import BanditTask
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +59,9 @@ def check_checkpoint(run: str, out: str, epoch: int) -> None:
 def check_resumed(out: str, ref: str) -> None:
     assert_same(load_file(os.path.join(out, "resumed.safetensors")), load_file(ref + ".safetensors"), "resumed weights")
     assert_same(
-        load_file(os.path.join(out, "resumed_optim.safetensors")), load_file(ref + "_optim.safetensors"), "resumed optim"
+        load_file(os.path.join(out, "resumed_optim.safetensors")),
+        load_file(ref + "_optim.safetensors"),
+        "resumed optim",
     )
 
 
@@ -125,3 +128,23 @@ def test_a_rank_dying_or_hanging_mid_gather_leaves_the_previous_checkpoint_lates
     assert [i.epoch for i in ckptio.list_checkpoints(run)] == [0]
     assert all(r.ok for r in ckptio.verify(run))
     assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith(".")]  # no temporaries left
+
+
+def test_main_job_runs_sharded_and_resumes_at_another_world_size(tmp_path):
+    run = str(tmp_path / "run")
+    small = ["--steps-per-epoch", "4", "--batch-size", "16", "--hidden", "16", "--fsdp"]
+    first = subprocess.run(
+        torchrun_cmd("launch.train", "--run-dir", run, "--epochs", "2", *small), cwd=REPO_ROOT, env=subprocess_env(),
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(
+        torchrun_cmd("launch.train", "--run-dir", run, "--epochs", "3", *small, nproc=1), cwd=REPO_ROOT,
+        env=subprocess_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "continuing at epoch 3" in second.stdout
+    assert [i.epoch for i in ckptio.list_checkpoints(run)] == [1, 2, 3]
+    # the sharded run's file holds the full policy: it builds an unsharded module anywhere
+    policy = ckptio.load_from_uri(run, allow=["launch"]).instantiate(BanditTask().metadata)
+    assert policy(torch.zeros(2, 16)).shape == (2, 4)
