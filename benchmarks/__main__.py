@@ -138,6 +138,25 @@ def many_ranks(files: dict[str, str], method: str, ranks: int = 2) -> dict:
     return {"mem_available_drop": before - during, "peak_rss": [r["peak_rss"] for r in reports]}
 
 
+def sharded_rows(size: int, data_dir: str, ranks: int, repeats: int) -> dict:
+    """The FSDP2 rows (benchmarks/sharded.py), measured in one torchrun job of ``ranks`` processes."""
+    out = os.path.join(data_dir, "sharded.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+           "-m", "benchmarks.sharded", "--size", str(size), "--dir", os.path.join(data_dir, "sharded"),
+           "--out", out, "--repeats", str(repeats)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    shutil.rmtree(os.path.join(data_dir, "sharded"), ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sharded benchmark failed:\n{proc.stderr[-3000:]}")
+    with open(out) as f:
+        result = json.load(f)
+    for key, row in result["rows"].items():
+        print(
+            f"  {key:40s} {row['median_s'] * 1e3:10.2f} ms  master +{row['peak_rss_delta'] / 2**20:.1f} MiB", flush=True
+        )
+    return {**result["rows"], "sharded.facts": result["facts"]}
+
+
 def summarize(samples: list[dict]) -> dict:
     secs = [s["seconds"] for s in samples]
     mem = [s.get("peak_rss_delta", 0) for s in samples]
@@ -312,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                 "samples": reps,
             }
             print(f"  ranks.{m:34s} {rows[f'ranks.{m}']['mem_available_drop'] / 2**20:10.1f} MiB used", flush=True)
+        if wanted("sharded."):
+            rows.update(sharded_rows(size, data_dir, args.ranks, 1 if args.quick else args.repeats))
         results["sizes"][str(nbytes)] = {
             "tensors": int(files["tensors"]),
             "file_bytes": os.path.getsize(files["ckptio"]),

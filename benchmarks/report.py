@@ -14,7 +14,11 @@ TARGETS = [
     ("ready module vs construct+load", "ready.baseline", "ready.ckptio", ">=", 100, "times faster"),
     ("durable save vs raw write+fsync", "save.ckptio", "save.raw_write", "<=", 1.2, "x raw write"),
     ("async stall vs sync save", "stall.ckptio", "save.ckptio", "<=", 0.10, "x sync save"),
-]
+    ("sharded save vs full gather + save_file", "sharded.save.ckptio", "sharded.save.gather_save_file", "<=", 1.3,
+     "x full gather + save_file"),
+    ("sharded async stall vs copying local shards", "sharded.stall.ckptio", "sharded.stall.copy", "<=", 1.5,
+     "x copying the local shards"),
+]  # fmt: skip
 # Same-run ratios with no target, printed beside the targets so a reader can judge the baselines.
 CONTEXT = [
     ("open vs bare json.loads of the header", "load.open.ckptio", "limit.header_json", "x"),
@@ -25,7 +29,12 @@ CONTEXT = [
     ("async stall vs torch.distributed.checkpoint.async_save stall", "stall.ckptio", "stall.dcp_async_save", "x"),
     ("async stall vs copying the tensors into reused buffers", "stall.ckptio", "limit.copy", "x"),
     ("copying the tensors into reused buffers vs sync save", "limit.copy", "save.ckptio", "x"),
-]
+    ("sharded save vs torch.distributed.checkpoint save (every rank writing)", "sharded.save.ckptio",
+     "sharded.save.dcp", "x"),
+    ("sharded load into the model vs torch.distributed.checkpoint load", "sharded.load.ckptio", "sharded.load.dcp", "x"),
+    ("sharded async stall vs torch.distributed.checkpoint async_save stall", "sharded.stall.ckptio",
+     "sharded.stall.dcp_async_save", "x"),
+]  # fmt: skip
 
 
 # The pickle (torch.load / torch.save) row each measurement is compared with: the same operation.
@@ -40,6 +49,9 @@ BASELINES = [
     ("limit.header", "load.open.torch_load"),
     ("limit.copy", "save.torch_save"),
     ("limit.", "load.full.torch_load"),
+    ("sharded.save.", "sharded.save.gather_save_file"),
+    ("sharded.stall.", "sharded.stall.copy"),
+    ("sharded.load.", "sharded.load.dcp"),
     ("remote.upload.", "remote.upload.fsspec"),
     ("remote.download.", "remote.download.fsspec"),
 ]
@@ -68,6 +80,20 @@ def target_results(rows: dict) -> list[dict[str, Any]]:
         ratio = c["mem_available_drop"] / t["mem_available_drop"]
         out.append({"target": "2 ranks: RAM used vs torch.load", "ratio": ratio, "bound": "<= 0.25",
                     "unit": "x torch.load's", "met": ratio <= 0.25})  # fmt: skip
+    facts, save, load = rows.get("sharded.facts"), rows.get("sharded.save.ckptio"), rows.get("sharded.load.ckptio")
+    if facts and save:
+        ratio = save["peak_rss_delta"] / facts["model_and_optimizer_bytes"]
+        out.append({"target": "sharded save: master's peak RAM growth", "ratio": ratio, "bound": "<= 0.3",
+                    "unit": "x model + optimizer", "met": ratio <= 0.3})  # fmt: skip
+    if facts and load:
+        bound = 1 / facts["world_size"] + 0.15
+        for what, field in (
+            ("private", "max_rank_peak_anon_delta"),
+            ("with mapped file pages", "max_rank_peak_rss_delta"),
+        ):
+            ratio = load[field] / facts["weights_file_bytes"]
+            out.append({"target": f"sharded load into: RAM growth per rank ({what})", "ratio": ratio,
+                        "bound": f"<= {bound:.3g}", "unit": "x the file", "met": ratio <= bound})  # fmt: skip
     return out
 
 

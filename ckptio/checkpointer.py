@@ -138,7 +138,8 @@ class Checkpointer:
         self.resumed_from: CheckpointInfo | None = None
         self.trainer_state: Any = None
         self.start_epoch = 0
-        self._registered = False
+        self._registered = False  # this rank took part in register()
+        self._manifest_checked = False  # the master wrote or checked the manifest
         self._closed = False
         self._shard_group: Any = None
         self._saved_optimizer: Any = None  # the FQN-keyed optimizer state read at resume
@@ -159,16 +160,20 @@ class Checkpointer:
 
     # -- manifest ------------------------------------------------------------------------------
     def _check_manifest(self) -> str | None:
-        """Write the manifest (locally, and remotely) if absent; an error if one names another architecture."""
+        """Master: write the manifest (locally, and remotely) if absent; an error if one names another architecture."""
+        if self._manifest_checked:
+            return None
         for manager in (self.manager, self.remote):
             if manager is not None:
                 error = manager.ensure_manifest(self._architecture)
                 if error:
                     return error
+        self._manifest_checked = True
         return None
 
     def register(self) -> None:
         """Master writes the write-once manifest; every rank raises if the run's architecture differs."""
+        # every rank enters this collective exactly once, whatever the master did alone before
         if self._registered:
             return
         error = ranks.master_result(self._check_manifest)  # a failure on the master reaches every rank
@@ -371,11 +376,10 @@ class Checkpointer:
             return None
         if self._closed:
             raise CheckpointError("Checkpointer is closed")
-        if self.rank.is_master and not self._registered:  # master-only path: no collective here
+        if self.rank.is_master:  # master-only path: no collective here
             error = self._check_manifest()
             if error:
                 raise ArchitectureError(error)
-            self._registered = True
         uri = self.manager.storage.url(f"{self.manager.base_name(epoch)}.{self.config.checkpoint_format}")
         in_background = self.config.async_save if async_ is None else async_
         if is_sharded:

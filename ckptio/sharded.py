@@ -14,6 +14,7 @@ reads only those bytes, at any world size and placement.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -80,8 +81,15 @@ class _Block:
     local: torch.Tensor | None = None
 
 
+@functools.lru_cache(maxsize=65536)
+def _placement_block(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> tuple[Any, Any]:
+    # the same few (shape, mesh, placements) recur for every save and every optimizer state of a
+    # parameter; computing them is most of the metadata cost a background save puts on the training thread
+    return compute_local_shape_and_global_offset(shape, mesh, placements)
+
+
 def _block_of(t: DTensor) -> _Block:
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    shape, offset = _placement_block(tuple(t.shape), t.device_mesh, tuple(t.placements))
     local = t.to_local()
     if tuple(local.shape) != tuple(shape):
         raise CheckpointSaveError(
@@ -191,7 +199,7 @@ class ShardGather:
 
 def _local_part(full: torch.Tensor, like: DTensor) -> DTensor:
     """``like``'s own block of ``full`` as a DTensor: a view of the mapped file, read when copied."""
-    block = _Block(*compute_local_shape_and_global_offset(full.shape, like.device_mesh, like.placements))
+    block = _Block(*_placement_block(tuple(full.shape), like.device_mesh, tuple(like.placements)))
     part = _region(full, block)
     if like.device_mesh.device_type != "cpu":
         part = part.to(like.device_mesh.device_type)

@@ -29,7 +29,7 @@ def flatten(tree: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     def enc(x: Any, path: str) -> Any:
         if isinstance(x, torch.Tensor):
             name = f"{len(tensors)}:{path}"  # the index keeps names unique whatever the keys contain
-            tensors[name] = x.detach()
+            tensors[name] = x.detach() if x.requires_grad else x  # detach() is slow on DTensors; only cut autograd
             return {"t": name}
         if isinstance(x, np.ndarray):
             name = f"{len(tensors)}:{path}"

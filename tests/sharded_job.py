@@ -123,6 +123,15 @@ def main() -> int:
             opt.step()
         ckpt.save(model, epoch, {"epoch": epoch}, optimizer=opt)
         dump(model, opt, args.out, f"ref.e{epoch}")
+    # the same Checkpointer resumes after saving (every rank enters the same collectives, whatever it did alone)
+    with torch.device("meta"):
+        again = shard(arch.make_policy(ENV), args.mode, world)
+    again.to_empty(device="cpu")
+    assert ckpt.load_into(again)
+    for (k, a), b in zip(
+        get_model_state_dict(model, options=FULL).items(), get_model_state_dict(again, options=FULL).values()
+    ):
+        assert torch.equal(a, b), k
     ckpt.close()
     dist.destroy_process_group()
     return 0

@@ -28,7 +28,11 @@ def test_quick_benchmark_produces_every_measurement(tmp_path):
     expected |= {"stall.dcp_async_save", "limit.readinto", "limit.header", "limit.resident_sum"}
     expected |= {"load.open.ckptio_tensors", "load.open.naive_mmap", "limit.header_json", "limit.header_safetensors"}
     expected.add("limit.copy")
+    expected |= {f"sharded.save.{m}" for m in ("ckptio", "gather_save_file", "dcp")}
+    expected |= {f"sharded.stall.{m}" for m in ("ckptio", "copy", "dcp_async_save")}
+    expected |= {"sharded.load.ckptio", "sharded.load.dcp"}
     assert expected <= set(rows)
+    assert rows["sharded.facts"]["world_size"] == 2 and rows["sharded.facts"]["weights_file_bytes"] > 0
     for key in expected:
         assert rows[key]["median_s"] > 0 and rows[key]["min_s"] <= rows[key]["median_s"] <= rows[key]["max_s"]
     for m in SAVE_METHODS:
@@ -39,6 +43,7 @@ def test_quick_benchmark_produces_every_measurement(tmp_path):
         assert len(rows[f"ranks.{m}"]["peak_rss"]) == 2
     md = (out / "results.md").read_text()
     assert "| load.full.ckptio |" in md and "| target |" in md and "| comparison (no target) |" in md
+    assert "| sharded save vs full gather + save_file |" in md and "| sharded load into: RAM growth per rank" in md
     for png in ("load_time.png", "open_time.png", "save_time.png", "load_memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
