@@ -7,7 +7,8 @@ ranks. Each method runs in the same job, in turns, so the ratios compare like wi
   a full gather (get_model_state_dict/get_optimizer_state_dict full_state_dict) + save_file, DCP save;
   seconds, and the master's peak RSS growth.
 - load into the sharded model: ckptio ``load_into`` and DCP load; seconds and each rank's RSS growth.
-- async stall: ckptio async save, copying the local shards into reused buffers, DCP async_save.
+- async stall: ckptio async save, copying the model's and optimizer's local shards into reused
+  buffers (the floor of any snapshot), DCP async_save.
 
 Rank 0 writes a JSON object of rows to ``--out``.
 """
@@ -29,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 import ckptio
 from benchmarks.policy import BenchPolicy
@@ -140,8 +142,12 @@ def main() -> int:
     buffers: dict[str, torch.Tensor] = {}
 
     def copy_local_shards() -> None:
-        for k, v in model.state_dict().items():
-            local = v.to_local()
+        # what an async save must snapshot: the model's and the optimizer's local shards
+        tensors = {f"m.{k}": v for k, v in model.state_dict().items()}
+        for i, state in enumerate(opt.state.values()):
+            tensors.update({f"o.{i}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
+        for k, v in tensors.items():
+            local = v.to_local() if isinstance(v, DTensor) else v
             buf = buffers.get(k)
             if buf is None:
                 buf = buffers[k] = torch.empty_like(local)
@@ -216,11 +222,14 @@ def main() -> int:
         }
     if rank == 0:
         model_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+        largest = max(v.numel() * v.element_size() for v in model.state_dict().values())
         facts = {
             "world_size": world,
             "model_bytes": model_bytes,
             "model_and_optimizer_bytes": 3 * model_bytes,  # Adam: exp_avg and exp_avg_sq per parameter
             "weights_file_bytes": os.path.getsize(weights.uri),  # the model-only file the load rows read
+            # ckptio's master holds one gathered tensor at a time: its save's RAM bound by construction
+            "largest_tensor_bytes": largest,
         }
         with open(args.out, "w") as f:
             json.dump({"facts": facts, "rows": rows}, f, indent=1)

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 # the only public-enough way to know which block of a global tensor a rank holds; DCP uses it too
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .errors import CheckpointSaveError, StateDictMismatchError
+from .errors import CheckpointFormatError, CheckpointSaveError, StateDictMismatchError
 from .formats import LazyTensor
 from .layout import unwrap_module
 
@@ -89,6 +89,8 @@ def _placement_block(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, .
 
 
 def _block_of(t: DTensor) -> _Block:
+    if any(p.is_partial() for p in t.placements):  # each rank holds a summand, not a block: no rank's is the value
+        raise CheckpointFormatError(f"a DTensor with placements {t.placements} is a pending reduction; reduce it first")
     shape, offset = _placement_block(tuple(t.shape), t.device_mesh, tuple(t.placements))
     local = t.to_local()
     if tuple(local.shape) != tuple(shape):

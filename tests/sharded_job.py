@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Partial
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import ckptio
@@ -103,11 +105,18 @@ def main() -> int:
             assert ckpt.load_into(model, opt)
     if resuming:
         dump(model, opt, args.out, "resumed")
+    # a pending reduction has no block to gather: refused on every rank, nothing written
+    partial = DTensor.from_local(torch.ones(3), init_device_mesh("cpu", (world,)), [Partial()])
+    try:
+        ckpt.save({"x": partial}, 10**6, force=True)
+        raise AssertionError("a Partial DTensor was saved")
+    except ckptio.CheckpointFormatError:
+        pass
     if args.in_gather and rank == 1:
 
         def failing_send(*a, **k):
             if args.in_gather == "die":
-                os._exit(9)  # as a SIGKILLed rank: mid-gather, nothing flushed
+                os.kill(os.getpid(), signal.SIGKILL)  # mid-gather, nothing flushed
             threading.Event().wait()  # a rank stuck for good (a hung device, a stalled host)
 
         dist.send = failing_send

@@ -98,25 +98,34 @@ def test_fsdp_x_tp_on_a_2d_mesh_saved_in_background_resumes_as_fsdp(tmp_path):
     check_resumed(str(tmp_path / "w2"), os.path.join(out, "ref.e1"))
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "plain"])
-def test_training_on_after_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, mode):
+@pytest.mark.parametrize("mode,nproc", [("fsdp", 2), ("tp", 2), ("2d", 4), ("plain", 2)])
+def test_training_on_after_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, mode, nproc):
     straight, out = str(tmp_path / "straight"), str(tmp_path / "s")
-    job(2, straight, out, "--mode", mode, "--epochs", "4")
+    job(nproc, straight, out, "--mode", mode, "--epochs", "4")
     broken = str(tmp_path / "broken")
-    job(2, broken, str(tmp_path / "b1"), "--mode", mode, "--epochs", "2")
-    job(2, broken, str(tmp_path / "b2"), "--mode", mode, "--epochs", "2")
+    job(nproc, broken, str(tmp_path / "b1"), "--mode", mode, "--epochs", "2", "--async")  # saved in background
+    check_checkpoint(broken, str(tmp_path / "b1"), 1)
+    job(nproc, broken, str(tmp_path / "b2"), "--mode", mode, "--epochs", "2")
     check_resumed(str(tmp_path / "b2"), os.path.join(out, "ref.e1"))
     for name in ("ref.e3.safetensors", "ref.e3_optim.safetensors"):
         assert_same(load_file(os.path.join(out, name)), load_file(os.path.join(tmp_path, "b2", name)), name)
 
 
-def test_a_rank_dying_or_hanging_mid_gather_leaves_the_previous_checkpoint_latest(tmp_path):
+@pytest.mark.parametrize("mode", ["fsdp", "tp"])
+def test_a_rank_killed_mid_gather_leaves_the_previous_checkpoint_latest(tmp_path, mode):
     run, out = str(tmp_path / "run"), str(tmp_path / "out")
-    job(2, run, out, "--mode", "fsdp", "--epochs", "1")
-    # killed: torchrun stops the job; nothing of epoch 1 is visible
-    dead = job(2, run, str(tmp_path / "dead"), "--mode", "fsdp", "--epochs", "1", "--in-gather", "die", check=False)
+    job(2, run, out, "--mode", mode, "--epochs", "1")
+    # SIGKILLed in its first send of epoch 1's save: torchrun stops the job; nothing of epoch 1 is visible
+    dead = job(2, run, str(tmp_path / "dead"), "--mode", mode, "--epochs", "1", "--in-gather", "die", check=False)
     assert dead.returncode != 0
     assert [i.epoch for i in ckptio.list_checkpoints(run)] == [0]
+    assert all(r.ok for r in ckptio.verify(run))
+    assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith(".")]
+
+
+def test_a_rank_stuck_mid_gather_fails_the_save_within_the_timeout(tmp_path):
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    job(2, run, out, "--mode", "fsdp", "--epochs", "1")
     # stuck: the master gives up after shard_timeout_s with a typed error instead of waiting forever
     start = time.monotonic()
     hung = job(
