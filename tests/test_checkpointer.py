@@ -91,3 +91,30 @@ def test_fresh_policies_are_identical_and_do_not_shift_rng(tmp_path, env_meta):
     assert torch.equal(torch.rand(1), after_a)
     for x, y in zip(a.parameters(), b.parameters()):
         assert torch.equal(x, y)
+
+
+def test_load_into_checks_every_key_and_shape_and_names_the_differences(tmp_path, env_meta):
+    from archs import MLPArch
+
+    ck = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(hidden=16))
+    assert not ck.load_into(MLPArch(hidden=16).make_policy(env_meta))  # nothing saved yet: False, model untouched
+    model = ck.load_or_create_policy(env_meta)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, env_meta["obs_dim"])).sum().backward()
+    opt.step()
+    ck.save(model, 1, {"r": 1.0}, optimizer=opt)
+    # the same architecture, any fresh values: loads exactly, optimizer too
+    target = MLPArch(hidden=16).make_policy(env_meta)
+    target_opt = torch.optim.Adam(target.parameters())
+    assert ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(hidden=16)).load_into(target, target_opt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+    assert torch.equal(target_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    # another width: every differing shape is listed, nothing is loaded
+    wide = MLPArch(hidden=32).make_policy(env_meta)
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(ckptio.StateDictMismatchError) as err:
+        ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(hidden=16)).load_into(wide)
+    message = str(err.value)
+    assert "body.weight: checkpoint [16, 16], model [32, 32]" in message and "run.e00000001.safetensors" in message
+    assert all(torch.equal(before[k], v) for k, v in wide.state_dict().items())

@@ -53,7 +53,10 @@ def check_checkpoint(run: str, out: str, epoch: int) -> None:
     )
     assert all(r.ok for r in ckptio.verify(weights))
     # full shapes, not shards, in what anyone's tools see
-    assert ckptio.inspect_checkpoint(weights)["tensor_count"] == 7
+    described = ckptio.inspect_checkpoint(weights)
+    reference = load_file(os.path.join(out, f"ref.e{epoch}.safetensors"))
+    assert described["tensor_count"] == len(reference) == 7
+    assert described["total_bytes"] == sum(t.numel() * t.element_size() for t in reference.values())
 
 
 def check_resumed(out: str, ref: str) -> None:
@@ -69,13 +72,13 @@ def test_fsdp2_saves_one_standard_file_and_resumes_at_other_world_sizes(tmp_path
     run, out = str(tmp_path / "run"), str(tmp_path / "out")
     job(2, run, out, "--mode", "fsdp", "--epochs", "2")  # non-master ranks are forbidden to write: the job passes
     check_checkpoint(run, out, 1)
-    # build on meta, shard, load into: 2 -> 1, then 1 -> 4 (each resume trains and saves one more epoch)
-    job(1, run, str(tmp_path / "w1"), "--mode", "fsdp", "--epochs", "1")
-    check_resumed(str(tmp_path / "w1"), os.path.join(out, "ref.e1"))
-    check_checkpoint(run, str(tmp_path / "w1"), 2)
+    # build on meta, shard, load into: 2 -> 4, then 4 -> 1 (each resume trains and saves one more epoch)
     job(4, run, str(tmp_path / "w4"), "--mode", "fsdp", "--epochs", "1")
-    check_resumed(str(tmp_path / "w4"), os.path.join(tmp_path, "w1", "ref.e2"))
-    check_checkpoint(run, str(tmp_path / "w4"), 3)
+    check_resumed(str(tmp_path / "w4"), os.path.join(out, "ref.e1"))
+    check_checkpoint(run, str(tmp_path / "w4"), 2)
+    job(1, run, str(tmp_path / "w1"), "--mode", "fsdp", "--epochs", "1")
+    check_resumed(str(tmp_path / "w1"), os.path.join(tmp_path, "w4", "ref.e2"))
+    check_checkpoint(run, str(tmp_path / "w1"), 3)
 
 
 def test_tensor_parallel_saves_full_tensors_and_loads_as_a_full_policy_then_shards(tmp_path):
