@@ -263,6 +263,7 @@ class Checkpointer:
         self, env_metadata: Any, *, device: torch.device | str | None = None, restore_rng: bool = True
     ) -> torch.nn.Module:
         """Every rank: the latest checkpoint's policy (the master's choice), or a fresh identical one."""
+        self.async_saver.wait()  # a save still in the background is part of what "latest" means
         self.register()
         chosen = ranks.broadcast_object(self._choose_latest())
         if chosen is None:
@@ -291,6 +292,7 @@ class Checkpointer:
         Each rank reads only its own blocks of the mapped file, at any world size; with
         ``optimizer``, its state too. Returns False, touching nothing, when there is no checkpoint.
         """
+        self.async_saver.wait()  # a save still in the background is part of what "latest" means
         self.register()
         chosen = ranks.broadcast_object(self._choose_latest())
         if chosen is None:

@@ -8,18 +8,23 @@ whose watchdog would time out and kill the job.
 
 from __future__ import annotations
 
+import collections
 import datetime
+import logging
 import os
 import pickle
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from .errors import CheckpointError
 
 __all__ = [
+    "Handoff",
     "RankInfo",
     "all_gather_object",
     "barrier",
@@ -29,6 +34,8 @@ __all__ = [
     "raise_together",
     "rank_info",
 ]
+
+log = logging.getLogger("ckptio")
 
 # Checkpoint waits are bounded by how long a save or a download takes, not by a training step.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
@@ -96,21 +103,69 @@ def barrier() -> None:
         dist.barrier(group=_group())
 
 
+class Handoff:
+    """Tensors handed to a gloo collective, kept referenced from C++ until long after gloo let go.
+
+    A gloo worker thread drops its reference to a collective's tensors after the caller's wait()
+    has returned. For a tensor made in Python whose only other owner is its Python object, that
+    drop releases the Python object, which takes the GIL. If the main thread holds the GIL in a
+    blocking C++ call at that moment (a process group's destructor joining those same threads, at
+    ``destroy_process_group`` or at interpreter exit), the process hangs, or aborts with "terminate
+    called without an active exception". A view keeps a C++ reference to its base, so with one kept
+    here the worker's drop is never the one that reaches Python; the views are released by later
+    collectives (on the calling thread), when gloo is long done with the tensors.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self._views: collections.deque[torch.Tensor] = collections.deque(maxlen=keep)
+        self._lock = threading.Lock()
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False):
+            view = tensor.view(tensor.shape)
+        with self._lock:
+            self._views.append(view)
+        return tensor
+
+
+# the object collectives' tensors are a few bytes each: keep plenty (several collectives' worth)
+_handed = Handoff(keep=512)
+
+
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order (pickled: the peers are this job's own ranks)."""
+    if not _distributed():
+        return [obj]
+    group = _group() if group is None else group
+    world = dist.get_world_size(group)
+    payload = pickle.dumps(obj)
+    hand = _handed
+    size = hand(torch.tensor([len(payload)], dtype=torch.int64))
+    sizes = [hand(torch.zeros(1, dtype=torch.int64)) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(t.item()) for t in sizes]
+    data = hand(torch.zeros(max(lengths), dtype=torch.uint8))
+    data[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    out = [hand(torch.empty(max(lengths), dtype=torch.uint8)) for _ in range(world)]
+    dist.all_gather(out, data, group=group)
+    return [pickle.loads(t[:n].numpy().tobytes()) for t, n in zip(out, lengths, strict=True)]
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (a small picklable value chosen by the master)."""
     if not _distributed():
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=_group())
-    return box[0]
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    if not _distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=_group())
-    return out
+    group = _group()
+    payload = pickle.dumps(obj) if dist.get_rank() == src else b""
+    hand = _handed
+    size = hand(torch.tensor([len(payload)], dtype=torch.int64))
+    dist.broadcast(size, src=src, group=group)
+    n = int(size.item())
+    data = hand(torch.zeros(n, dtype=torch.uint8))
+    if payload:
+        data[:] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    dist.broadcast(data, src=src, group=group)
+    return obj if dist.get_rank() == src else pickle.loads(data.numpy().tobytes())
 
 
 def _for_others(error: BaseException, rank: int) -> BaseException:

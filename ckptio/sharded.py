@@ -37,6 +37,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from .errors import CheckpointFormatError, CheckpointSaveError, StateDictMismatchError
 from .formats import LazyTensor
 from .layout import unwrap_module
+from .ranks import Handoff, all_gather_object
 
 __all__ = [
     "ShardGather",
@@ -51,6 +52,9 @@ __all__ = [
 log = logging.getLogger("ckptio")
 
 _DONE, _ABORT = -1, -2
+# the tensors sent and received (see ranks.Handoff); blocks can be large, so only the last few
+_blocks = Handoff(keep=4)
+_handed = Handoff(keep=64)
 
 
 def has_dtensors(*tensor_dicts: Mapping[str, Any]) -> bool:
@@ -138,8 +142,7 @@ class ShardGather:
             if isinstance(t, DTensor)
         }
         mine = [(blocks[e].shape, blocks[e].offset) for e in self.entries]
-        everyone: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, mine, group=group)
+        everyone = all_gather_object(mine, group=group)
         # one provider per distinct block (replicas hold the same bytes): the lowest rank
         self.providers: list[list[tuple[int, _Block]]] = []
         for i in range(len(self.entries)):
@@ -164,7 +167,7 @@ class ShardGather:
         return out
 
     def _announce(self, value: int) -> int:
-        flag = torch.tensor([value], dtype=torch.int64)
+        flag = _handed(torch.tensor([value], dtype=torch.int64))
         dist.broadcast(flag, src=0, group=self.group)
         return int(flag.item())
 
@@ -179,7 +182,7 @@ class ShardGather:
                 region.copy_(self.blocks[self.entries[i]].local)
                 continue
             buf = torch.empty(block.shape, dtype=dtype)
-            dist.recv(_as_bytes(buf), src=rank, group=self.group)
+            dist.recv(_blocks(_as_bytes(buf)), src=rank, group=self.group)
             region.copy_(buf)
         return full
 
@@ -196,7 +199,7 @@ class ShardGather:
             if i == _ABORT:
                 raise CheckpointSaveError("the master's sharded save failed (its error is raised on the master)")
             if any(rank == self.me for rank, _ in self.providers[i]):
-                dist.send(_as_bytes(self.blocks[self.entries[i]].local.cpu()), dst=0, group=self.group)
+                dist.send(_blocks(_as_bytes(self.blocks[self.entries[i]].local.cpu())), dst=0, group=self.group)
 
 
 def _local_part(full: torch.Tensor, like: DTensor) -> DTensor:

@@ -377,7 +377,7 @@ def test_a_failed_save_is_one_error_type_naming_the_checkpoint(tmp_path, policy,
     with pytest.raises(ckptio.CheckpointSaveError) as sync_error:
         mgr.save_agent(policy, 3)
     ck = ckptio.Checkpointer(str(tmp_path / "a"), arch, ckptio.CheckpointConfig(async_save=True))
-    ck._registered = True  # the manifest write would fail first; this test is about the weights
+    ck._manifest_checked = True  # the manifest write would fail first; this test is about the weights
     ck.save(policy, 3)
     with pytest.raises(ckptio.CheckpointSaveError) as async_error:
         ck.wait()
