@@ -46,7 +46,7 @@ def saved_optimizer(run: str, epoch: int) -> dict[str, torch.Tensor]:
 
 def check_checkpoint(run: str, out: str, epoch: int) -> None:
     """The checkpoint is one standard file equal to torch's full state dict; the optimizer equals torch's too."""
-    weights = os.path.join(run, "checkpoints", f"run.e{epoch:08d}.safetensors")
+    weights = next(i.uri for i in ckptio.list_checkpoints(run) if i.epoch == epoch)
     assert_same(load_file(weights), load_file(os.path.join(out, f"ref.e{epoch}.safetensors")), "weights")
     assert_same(
         saved_optimizer(run, epoch), load_file(os.path.join(out, f"ref.e{epoch}_optim.safetensors")), "optimizer"
