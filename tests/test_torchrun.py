@@ -151,3 +151,16 @@ def test_a_failure_on_the_master_during_resume_reaches_every_rank(tmp_path):
     assert out.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank}: StorageError" in out.stdout and "model_architecture.json" in out.stdout, out.stdout
+
+
+def test_the_main_job_leaves_cleanly_every_time(tmp_path, request):
+    """DDP job, collectives of ckptio's last: no rank hangs or aborts at exit (gloo releasing ckptio's tensors).
+
+    Before ranks.Handoff about 1 run in 8 hung at exit here; 6 runs by default, 40 with --stress.
+    """
+    runs = 40 if request.config.getoption("--stress") else 6
+    for i in range(runs):
+        out = run_torchrun(
+            "launch.train", "--run-dir", str(tmp_path / f"r{i}"), "--epochs", "2", *SMALL, timeout=90, check=False
+        )
+        assert out.returncode == 0 and "terminate called" not in out.stderr, f"run {i}:\n{out.stderr[-3000:]}"
