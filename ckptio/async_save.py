@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, save_failed
+from .formats import alias_key
 
 __all__ = ["AsyncSaver"]
 
@@ -32,12 +33,14 @@ class AsyncSaver:
         """CPU copies the training thread may not touch. Call only with no save in flight (``wait`` first)."""
         assert self._thread is None, "snapshot while a background save still reads the buffers"
         out: dict[str, torch.Tensor] = {}
-        by_id: dict[int, torch.Tensor] = {}
+        tied: dict[Any, torch.Tensor] = {}
         pin = torch.cuda.is_available()
         cuda = False
         for name, t in tensors.items():
-            if id(t) in by_id:  # tied weights stay tied
-                out[name] = by_id[id(t)]
+            # tied weights stay tied, as the writer finds them: state_dict() gives each name its own tensor object
+            tie = alias_key(t)
+            if tie is not None and tie in tied:
+                out[name] = tied[tie]
                 continue
             key = prefix + name
             buf = self.buffers.get(key)
@@ -46,7 +49,9 @@ class AsyncSaver:
                 self.buffers[key] = buf
             buf.copy_(t.detach(), non_blocking=t.is_cuda)
             cuda |= t.is_cuda
-            out[name] = by_id[id(t)] = buf
+            out[name] = buf
+            if tie is not None:
+                tied[tie] = buf
         if cuda:
             torch.cuda.synchronize()  # the copies must have landed before the caller's next step
         return out

@@ -250,7 +250,7 @@ class Checkpointer:
         sharded.load_model_state(model, loaded.weights, info.uri)
         self._read_trainer_state(info, loaded.metadata, restore_rng)
         if optimizer is not None:
-            self.load_optimizer(model, optimizer)
+            self._load_optimizer(model, optimizer, info.uri)
 
     def _restore_rng(self, rng: list[Any]) -> None:
         me, world = self.rank.rank, self.rank.world_size
@@ -265,7 +265,7 @@ class Checkpointer:
         """Every rank: the latest checkpoint's policy (the master's choice), or a fresh identical one."""
         self.async_saver.wait()  # a save still in the background is part of what "latest" means
         self.register()
-        chosen = ranks.broadcast_object(self._choose_latest())
+        chosen = ranks.master_result(self._choose_latest)  # a listing failure reaches every rank
         if chosen is None:
             # the master's seed, not a draw: creating the policy must not shift any rank's RNG stream
             seed = ranks.broadcast_object(torch.initial_seed() if self.rank.is_master else None)
@@ -294,7 +294,7 @@ class Checkpointer:
         """
         self.async_saver.wait()  # a save still in the background is part of what "latest" means
         self.register()
-        chosen = ranks.broadcast_object(self._choose_latest())
+        chosen = ranks.master_result(self._choose_latest)  # a listing failure reaches every rank
         if chosen is None:
             self.resumed_from, self.trainer_state, self.start_epoch = None, None, 0
             return False
@@ -310,11 +310,13 @@ class Checkpointer:
 
     def load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """After a resume: restore the optimizer saved with ``save(..., optimizer=)``, sharded or not, any world size."""
+        if self.resumed_from is None:
+            raise CheckpointError("no optimizer state to load: nothing was resumed")
+        self._load_optimizer(model, optimizer, self.resumed_from.uri)
+
+    def _load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, source: str) -> None:
         if self._saved_optimizer is None:
-            raise CheckpointError(
-                "no optimizer state to load: nothing was resumed, or it was saved without save(..., optimizer=)"
-            )
-        source = self.resumed_from.uri if self.resumed_from is not None else "checkpoint"
+            raise CheckpointError(f"{source}: holds no optimizer state (it was saved without save(..., optimizer=))")
         sharded.load_optimizer_state(model, optimizer, self._saved_optimizer, source)
 
     def _info(self, chosen: tuple[str, str]) -> CheckpointInfo:
@@ -378,15 +380,15 @@ class Checkpointer:
             return None
         if self._closed:
             raise CheckpointError("Checkpointer is closed")
-        if self.rank.is_master:  # master-only path: no collective here
-            error = self._check_manifest()
-            if error:
-                raise ArchitectureError(error)
         uri = self.manager.storage.url(f"{self.manager.base_name(epoch)}.{self.config.checkpoint_format}")
         in_background = self.config.async_save if async_ is None else async_
         if is_sharded:
-            self._save_sharded(weights, epoch, training_metrics, trainer, in_background)
+            self.register()  # every rank is here: the master's manifest check reaches them all
+            self._save_sharded(weights, epoch, training_metrics, trainer, in_background, uri)
             return uri if self.rank.is_master else None
+        error = self._check_manifest()  # the master alone is here: no collective
+        if error:
+            raise ArchitectureError(error)
         self.async_saver.wait()  # at most one save in flight; a failed background save raises here
         if not in_background:
             self._write(weights, epoch, training_metrics, trainer)
@@ -405,6 +407,7 @@ class Checkpointer:
         metrics: Mapping[str, Any] | None,
         trainer: tuple[dict[str, torch.Tensor], dict[str, str]] | None,
         in_background: bool,
+        target: str,
     ) -> None:
         """Every rank: its blocks of each DTensor go to the master, which streams the full tensors into one file."""
         if self.config.checkpoint_format != "safetensors":
@@ -413,35 +416,41 @@ class Checkpointer:
             self._shard_group = sharded.new_group(self.config.shard_timeout_s)
         self.async_saver.wait()
         files = {"w": weights, **({"t": trainer[0]} if trainer is not None else {})}
-        blocks = {(label, k): b for label, d in files.items() for k, b in sharded.local_blocks(d).items()}
+        # on the caller's thread, even for a background save: ranks that disagree fail here, together
+        try:
+            gather = sharded.ShardGather(self._shard_group, files, target)
+        except CheckpointError:
+            raise
+        except Exception as e:  # the gloo group itself failed: a rank died or timed out
+            raise save_failed(target, "planning the sharded save", e) from e
         meta = trainer[1] if trainer is not None else None
         if not in_background:
-            self._write_sharded(files, blocks, epoch, metrics, meta)
+            self._write_sharded(gather, files, epoch, metrics, meta, target)
             return
-        # the training thread's part: this rank's own shards (and the master's plain tensors) into reused buffers
-        local = self.async_saver.snapshot({f"{lb}/{k}": b.local for (lb, k), b in blocks.items()}, "s.")
-        for (lb, k), b in blocks.items():
-            b.local = local[f"{lb}/{k}"]
-        if self.rank.is_master:
-            for label, d in files.items():
-                plain = {k: v for k, v in d.items() if (label, k) not in blocks}
-                files[label] = {**d, **self.async_saver.snapshot(plain, f"{label}.")}
+
+        def snapshot() -> None:
+            # the training thread's part: this rank's own shards (and the master's plain tensors) into reused buffers
+            local = self.async_saver.snapshot({f"{lb}/{k}": b.local for (lb, k), b in gather.blocks.items()}, "s.")
+            for (lb, k), b in gather.blocks.items():
+                b.local = local[f"{lb}/{k}"]
+            if self.rank.is_master:
+                for label, d in files.items():
+                    plain = {k: v for k, v in d.items() if (label, k) not in gather.blocks}
+                    files[label] = {**d, **self.async_saver.snapshot(plain, f"{label}.")}
+
+        ranks.gather_results(snapshot, self._shard_group)  # a rank that cannot snapshot stops the others now
         metrics = json.loads(json.dumps(metrics)) if metrics is not None else None
-        self.async_saver.start(self._write_sharded, files, blocks, epoch, metrics, meta)
+        self.async_saver.start(self._write_sharded, gather, files, epoch, metrics, meta, target)
 
     def _write_sharded(
         self,
+        gather: sharded.ShardGather,
         files: dict[str, dict[str, torch.Tensor]],
-        blocks: dict[tuple[str, str], Any],
         epoch: int,
         metrics: Mapping[str, Any] | None,
         trainer_meta: dict[str, str] | None,
+        target: str,
     ) -> None:
-        target = self.manager.storage.url(f"{self.manager.base_name(epoch)}.safetensors")
-        try:
-            gather = sharded.ShardGather(self._shard_group, files, blocks)
-        except Exception as e:
-            raise save_failed(target, "planning the sharded save", e) from e
         if not self.rank.is_master:
             try:
                 gather.serve()

@@ -45,6 +45,7 @@ from .storage import write_all
 __all__ = [
     "FORMAT_VERSION",
     "SafetensorsHeader",
+    "alias_key",
     "check_digest",
     "crc32_hex",
     "file_size",
@@ -107,7 +108,16 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.as_strided((t.numel(),), (1,)).view(torch.uint8).numpy())
 
 
-def _alias_key(t: torch.Tensor) -> tuple[Any, ...]:
+def alias_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """What makes two tensors one (tied weights): the same memory viewed the same way; None if it has none."""
+    if (
+        t.numel() == 0
+        or t.layout != torch.strided
+        or t.is_meta
+        or hasattr(t, "to_local")
+        or t.untyped_storage().data_ptr() == 0
+    ):
+        return None
     # conj/neg bits are part of identity: x and x.conj() share memory but are not the same tensor
     return (
         t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device,
@@ -182,14 +192,8 @@ def _prepare(
         if key == "__metadata__":
             raise CheckpointFormatError("'__metadata__' is reserved by safetensors and cannot be a tensor name")
         _dtype_name(t, key)
-        if (
-            t.numel() > 0
-            and t.layout == torch.strided
-            and not t.is_meta
-            and not hasattr(t, "to_local")
-            and t.untyped_storage().data_ptr() != 0
-        ):
-            ak = _alias_key(t)
+        ak = alias_key(t)
+        if ak is not None:
             if ak in seen:
                 aliases[key] = seen[ak]
                 continue

@@ -53,10 +53,12 @@ __all__ = [
     "LoadedCheckpoint",
     "SavedCheckpoint",
     "Sidecars",
+    "canonical_name",
     "checkpoint_base",
     "delete_checkpoint",
     "fetch_local",
     "load_checkpoint",
+    "named_parameters",
     "parse_checkpoint_name",
     "read_metrics",
     "read_trainer_state",
@@ -171,9 +173,25 @@ def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
             return module
 
 
+# names that wrappers insert inside a model: torch.compile of a submodule, activation checkpointing
+# (checkpoint_wrapper), FSDP1; torch.distributed.checkpoint leaves them out of its FQNs too
+_WRAPPER_ATOMS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's or buffer's name as the unwrapped model has it: one name whatever wraps the model."""
+    return ".".join(atom for atom in name.split(".") if atom not in _WRAPPER_ATOMS)
+
+
+def named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The model's parameters by canonical name (the names its saved state and optimizer state use)."""
+    return {canonical_name(n): p for n, p in unwrap_module(model).named_parameters()}
+
+
 def state_dict_of(policy: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A module's state dict by canonical name (a given mapping as it is)."""
     if isinstance(policy, torch.nn.Module):
-        return dict(unwrap_module(policy).state_dict())
+        return {canonical_name(k): v for k, v in unwrap_module(policy).state_dict().items()}
     if isinstance(policy, Mapping):
         return dict(policy)
     raise CheckpointFormatError(f"cannot save a {type(policy).__name__}: expected a module or a state dict")

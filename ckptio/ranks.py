@@ -29,6 +29,7 @@ __all__ = [
     "all_gather_object",
     "barrier",
     "broadcast_object",
+    "gather_results",
     "is_master",
     "master_result",
     "raise_together",
@@ -201,16 +202,38 @@ def master_result(fn: Callable[[], Any]) -> Any:
     return outcome[1]
 
 
-def raise_together(error: BaseException | None) -> None:
-    """Collective: every rank raises if any rank's ``error`` is set (each its own, or the first other)."""
+def gather_results(fn: Callable[[], Any], group: Any = None) -> list[Any]:
+    """Collective: every rank's ``fn()``, in rank order; if it raised on any rank, every rank raises.
+
+    The failing rank raises its own error, the others the first failing rank's (typed where it
+    travels): a check or I/O that one rank does inside a collective operation must stop the others
+    promptly, not leave them waiting in the next collective until its timeout.
+    """
+    value: Any = None
+    error: BaseException | None = None
+    try:
+        value = fn()
+    except Exception as e:
+        error = e
     if not _distributed():
         if error is not None:
             raise error
-        return
+        return [value]
     me = rank_info().rank
-    errors = all_gather_object(None if error is None else _for_others(error, me))
+    outcomes = all_gather_object((None, value) if error is None else (_for_others(error, me), None), group=group)
     if error is not None:
         raise error
-    first = next((e for e in errors if e is not None), None)
+    first = next((e for e, _ in outcomes if e is not None), None)
     if first is not None:
         raise first
+    return [v for _, v in outcomes]
+
+
+def raise_together(error: BaseException | None, group: Any = None) -> None:
+    """Collective: every rank raises if any rank's ``error`` is set (each its own, or the first other)."""
+
+    def local() -> None:
+        if error is not None:
+            raise error
+
+    gather_results(local, group)

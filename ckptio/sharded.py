@@ -13,15 +13,19 @@ reads only those bytes, at any world size and placement.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
+import hashlib
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint.state_dict as _torch_state_dict
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,8 +40,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from .errors import CheckpointFormatError, CheckpointSaveError, StateDictMismatchError
 from .formats import LazyTensor
-from .layout import unwrap_module
-from .ranks import Handoff, all_gather_object
+from .layout import named_parameters
+from .ranks import Handoff, all_gather_object, raise_together
 
 __all__ = [
     "ShardGather",
@@ -71,9 +75,34 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)))
 
 
+_no_init_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _optimizer_as_it_is() -> Any:
+    """torch's optimizer state-dict APIs, without their initialisation of an optimizer that has no state.
+
+    ``get_/set_optimizer_state_dict`` run a step with lr=0 on an optimizer with no state, so that
+    Adam has state to save: the never-stepped optimizer then has ``step == 1`` and its user's step
+    hooks ran, and training after the save differs from training without it. A save observes; an
+    optimizer with no state is saved (and restored) with none.
+    """
+    init = getattr(_torch_state_dict, "_init_optim_state", None)
+    if init is None:  # a torch without it has nothing to undo
+        yield
+        return
+    with _no_init_lock:
+        _torch_state_dict._init_optim_state = lambda optim: None
+        try:
+            yield
+        finally:
+            _torch_state_dict._init_optim_state = init
+
+
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state keyed by parameter FQN, as torch.distributed.checkpoint defines it."""
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
+    """The optimizer's state keyed by parameter FQN, as torch.distributed.checkpoint defines it; touches nothing."""
+    with _optimizer_as_it_is():
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
 
 
 @dataclass
@@ -92,21 +121,17 @@ def _placement_block(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, .
     return compute_local_shape_and_global_offset(shape, mesh, placements)
 
 
-def _block_of(t: DTensor) -> _Block:
+def _block_of(t: DTensor, name: str) -> _Block:
     if any(p.is_partial() for p in t.placements):  # each rank holds a summand, not a block: no rank's is the value
-        raise CheckpointFormatError(f"a DTensor with placements {t.placements} is a pending reduction; reduce it first")
+        raise CheckpointFormatError(f"{name} has placements {t.placements}, a pending reduction; reduce it first")
     shape, offset = _placement_block(tuple(t.shape), t.device_mesh, tuple(t.placements))
     local = t.to_local()
     if tuple(local.shape) != tuple(shape):
         raise CheckpointSaveError(
-            f"a DTensor's local shard is {list(local.shape)}, its placements say {list(shape)} (padded shards are not supported)"
+            f"{name}: the local shard on rank {dist.get_rank()} is {list(local.shape)}, its placements say "
+            f"{list(shape)} (padded shards are not supported)"
         )
     return _Block(tuple(shape), tuple(offset), local)
-
-
-def local_blocks(tensors: Mapping[str, torch.Tensor]) -> dict[str, _Block]:
-    """This rank's block of every DTensor (its local tensor as it is: snapshot it for a background save)."""
-    return {k: _block_of(v) for k, v in tensors.items() if isinstance(v, DTensor)}
 
 
 def _region(full: torch.Tensor, block: _Block) -> torch.Tensor:
@@ -118,41 +143,107 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+_FILE_LABELS = {"w": "weights", "t": "trainer state"}
+
+
+def _spec(t: torch.Tensor) -> tuple[Any, ...]:
+    """What every rank must agree on about one saved tensor: dtype, global shape and, if sharded, placement."""
+    if isinstance(t, DTensor):
+        return (str(t.dtype), tuple(t.shape), tuple(map(str, t.placements)), tuple(t.device_mesh.shape))
+    return (str(t.dtype), tuple(t.shape))
+
+
+def _describe(files: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, tuple[Any, ...]]:
+    """The tensors every rank must hold alike: every DTensor, and every weight (plain trainer tensors are the master's)."""
+    return {
+        f"{label}/{key}": _spec(t)
+        for label, tensors in files.items()
+        for key, t in tensors.items()
+        if label == "w" or isinstance(t, DTensor)
+    }
+
+
+def _shown(entry: str) -> str:
+    label, _, key = entry.partition("/")
+    key = key.split(":", 1)[1].lstrip("/") if label == "t" and ":" in key else key  # "12:/optimizer/..." as a path
+    return f"{key} ({_FILE_LABELS.get(label, label)})"
+
+
+def _shown_spec(spec: tuple[Any, ...]) -> str:
+    text = f"{spec[0].removeprefix('torch.')}{list(spec[1])}"
+    return text + (f" {'/'.join(spec[2])} on mesh {list(spec[3])}" if len(spec) > 2 else " (not sharded)")
+
+
+def _disagreement(described: list[dict[str, tuple[Any, ...]]], source: str) -> StateDictMismatchError:
+    """Which tensors differ between each rank and the master, as one error every rank raises alike."""
+    lines = []
+    master = {_shown(k): v for k, v in described[0].items()}
+    for rank, raw in enumerate(described[1:], start=1):
+        mine = {_shown(k): v for k, v in raw.items()}
+        lines += [f"  {k}: on rank 0, not on rank {rank}" for k in sorted(master.keys() - mine.keys())]
+        lines += [f"  {k}: on rank {rank}, not on rank 0" for k in sorted(mine.keys() - master.keys())]
+        lines += [
+            f"  {k}: rank 0 {_shown_spec(master[k])}, rank {rank} {_shown_spec(mine[k])}"
+            for k in sorted(master.keys() & mine.keys())
+            if master[k] != mine[k]
+        ]
+        if raw != described[0] and mine == master:  # the same paths, numbered differently in the trainer state
+            lines.append(f"  trainer state: rank {rank} holds its tensors in another order than rank 0")
+    more = f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""
+    return StateDictMismatchError(
+        f"{source}: the ranks hold different state dicts to save; nothing was written\n" + "\n".join(lines[:20]) + more
+    )
+
+
 class ShardGather:
     """One sharded save, on every rank: the plan of who sends which block, then the transfers.
 
     ``files`` maps a file label to its tensors (DTensor values are sharded; others are the
-    master's own). ``blocks`` are this rank's blocks of the DTensors, by (label, key). Building
-    it is a collective on ``group``.
+    master's own). Building it is a collective on ``group``: every rank first proves it holds the
+    same tensors as the master (names, dtypes, global shapes, placements: one digest each, the
+    details only when they differ), so no byte moves and nothing is written unless they agree.
+    A failure on any rank while planning raises on every rank.
     """
 
-    def __init__(
-        self,
-        group: Any,
-        files: Mapping[str, Mapping[str, torch.Tensor]],
-        blocks: Mapping[tuple[str, str], _Block],
-    ):
-        self.group = group
+    def __init__(self, group: Any, files: Mapping[str, Mapping[str, torch.Tensor]], source: str):
+        self.group, self.source = group, source
         self.me = dist.get_rank()
-        self.entries = sorted(blocks)  # every rank the same order: the same DTensors, by label and key
+
+        described = _describe(files)
+        digest = hashlib.sha256(repr(sorted(described.items())).encode()).hexdigest()
+        self.blocks: dict[tuple[str, str], _Block] = {}
+        error: BaseException | None = None
+        try:
+            self.blocks = {
+                (label, key): _block_of(t, f"{source}: {_shown(f'{label}/{key}')}")
+                for label, tensors in files.items()
+                for key, t in tensors.items()
+                if isinstance(t, DTensor)
+            }
+        except Exception as e:  # reported after the agreement check, which names the cause when ranks differ
+            error = e
+        layout = [(self.blocks[e].shape, self.blocks[e].offset) for e in sorted(self.blocks)]
+        everyone = all_gather_object((digest, layout, error is not None), group=group)
+        if len({d for d, _, _ in everyone}) > 1:  # every rank sees it: all enter the details' gather
+            raise _disagreement(all_gather_object(described, group=group), source)
+        if any(failed for _, _, failed in everyone):
+            raise_together(error, group)
+        self.entries = sorted(self.blocks)  # every rank the same order: the same DTensors, by label and key
         self.specs = {
             (label, key): (t.dtype, tuple(t.shape))
             for label, tensors in files.items()
             for key, t in tensors.items()
             if isinstance(t, DTensor)
         }
-        mine = [(blocks[e].shape, blocks[e].offset) for e in self.entries]
-        everyone = all_gather_object(mine, group=group)
         # one provider per distinct block (replicas hold the same bytes): the lowest rank
         self.providers: list[list[tuple[int, _Block]]] = []
         for i in range(len(self.entries)):
             seen: dict[tuple[Any, ...], int] = {}
-            for rank, blocks_of_rank in enumerate(everyone):
+            for rank, (_, blocks_of_rank, _) in enumerate(everyone):
                 shape, offset = blocks_of_rank[i]
                 if all(s > 0 for s in shape) and (shape, offset) not in seen:
                     seen[(shape, offset)] = rank
             self.providers.append([(r, _Block(tuple(s), tuple(o))) for (s, o), r in seen.items()])
-        self.blocks = blocks
         self._index = {e: i for i, e in enumerate(self.entries)}
 
     def lazy(self, label: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | LazyTensor]:
@@ -197,7 +288,9 @@ class ShardGather:
             if i == _DONE:
                 return
             if i == _ABORT:
-                raise CheckpointSaveError("the master's sharded save failed (its error is raised on the master)")
+                raise CheckpointSaveError(
+                    f"{self.source}: the master's save failed (its error is raised on the master)"
+                )
             if any(rank == self.me for rank, _ in self.providers[i]):
                 dist.send(_blocks(_as_bytes(self.blocks[self.entries[i]].local.cpu())), dst=0, group=self.group)
 
@@ -241,7 +334,7 @@ def load_optimizer_state(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], source: str
 ) -> None:
     """Restore an optimizer from its saved FQN-keyed state, each rank taking its block of every state tensor."""
-    params = dict(unwrap_module(model).named_parameters())
+    params = named_parameters(model)
     state: dict[str, dict[str, Any]] = {}
     for fqn, entry in saved.get("state", {}).items():
         if fqn not in params:
@@ -260,7 +353,8 @@ def load_optimizer_state(
                 state[fqn][k] = v.clone()
             else:
                 state[fqn][k] = v
-    set_optimizer_state_dict(
-        model, optimizer, {"state": state, "param_groups": saved.get("param_groups", [])},
-        options=StateDictOptions(full_state_dict=False),
-    )  # fmt: skip
+    with _optimizer_as_it_is():  # a saved optimizer without state loads as one without state
+        set_optimizer_state_dict(
+            model, optimizer, {"state": state, "param_groups": saved.get("param_groups", [])},
+            options=StateDictOptions(full_state_dict=False),
+        )  # fmt: skip

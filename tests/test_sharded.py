@@ -5,6 +5,7 @@ The reference for every comparison is torch's own full state dict
 the job itself; files are read back with stock ``safetensors``.
 """
 
+import json
 import os
 import subprocess
 import time
@@ -160,3 +161,70 @@ def test_main_job_runs_sharded_and_resumes_at_another_world_size(tmp_path):
     # the sharded run's file holds the full policy: it builds an unsharded module anywhere
     policy = ckptio.load_from_uri(run, allow=["launch"]).instantiate(BanditTask().metadata)
     assert policy(torch.zeros(2, 16)).shape == (2, 4)
+
+
+def _attempts(out: str, nproc: int) -> dict[str, list[dict]]:
+    by_kind: dict[str, list[dict]] = {}
+    for rank in range(nproc):
+        with open(os.path.join(out, f"rank{rank}.jsonl")) as f:
+            for line in f:
+                record = json.loads(line)
+                by_kind.setdefault(record["kind"], []).append(record)
+    return by_kind
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_ranks_that_disagree_fail_together_within_seconds_and_write_nothing(tmp_path, nproc):
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "out")
+    start = time.monotonic()
+    proc = subprocess.run(
+        torchrun_cmd("agreement_job", runs, out, "--shard-timeout", "120", nproc=nproc), cwd=REPO_ROOT,
+        env=subprocess_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert time.monotonic() - start < 100  # no rank waited for the 120 s shard timeout
+    by_kind = _attempts(out, nproc)
+    last = nproc - 1
+    # what each kind must name: the differing tensor, and the rank that differs
+    named = {
+        "names": ["x.b (weights): on rank 0, not on rank", "x.c (weights): on rank"],
+        "swapped": ["x.a (weights): rank 0 float32[", "x.b (weights): rank 0 float32["],
+        "dtype": [f"x.a (weights): rank 0 float32[{2 * nproc}, 12] S(0) on mesh [{nproc}], rank {last} int32["],
+        "extra": [f"x.d (weights): on rank {last}, not on rank 0"],
+        "extra-master": ["x.d (weights): on rank 0, not on rank"],
+        "shape": [f"x.a (weights): rank 0 float32[{2 * nproc}, 12]", f"rank {last} float32[{3 * nproc}, 12]"],
+        "placement": ["S(0) on mesh", f"rank {last} float32[{2 * nproc}, 12] S(1)"],
+        "plain-weight": [f"bias (weights): rank 0 float32[3] (not sharded), rank {last} float32[5]"],
+        "partial": [f"rank {last} float32[1, 4] P(sum)"],
+        "optimizer": [f"max_exp_avg_sq (trainer state): on rank {last}, not on rank 0"],
+    }
+    for kind, needles in named.items():
+        records = by_kind[kind]
+        assert len(records) == nproc, kind
+        for r in records:
+            assert r["error"] == "StateDictMismatchError", (kind, r)
+            assert "nothing was written" in r["message"] and "run.e0000" in r["message"], (kind, r)
+            for needle in needles:
+                assert needle in r["message"], (kind, needle, r["message"])
+            assert r["elapsed_s"] < 30, (kind, r)
+        assert len({r["message"] for r in records}) == 1, kind  # every rank says the same
+    # one rank's own failure while planning (a padded shard on the last rank) raises on every rank
+    for r in by_kind["padded"]:
+        assert (
+            r["error"] == "CheckpointSaveError"
+            and f"x.a (weights): the local shard on rank {last} is [2, 4]" in r["message"]
+        ), r
+    # the master's manifest check fails (another architecture): every rank raises its typed error (#23)
+    for r in by_kind["manifest"]:
+        assert r["error"] == "ArchitectureError" and "refusing to resume" in r["message"], r
+        assert r["elapsed_s"] < 30, r
+    # the master's disk fails while gathered tensors stream out: a failed save on every rank, not a success
+    for r in by_kind["master-write"]:
+        assert "CheckpointSaveError" in r["mro"] and "run.e00000021.safetensors" in r["message"], r
+        assert r["elapsed_s"] < 30, r
+    # nothing of any failed attempt was committed or left behind; the save after them worked
+    run = os.path.join(runs, "run")
+    assert [i.epoch for i in ckptio.list_checkpoints(run)] == [0, 22]
+    assert all(r.ok for r in ckptio.verify(run))
+    assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith(".")]
+    assert ckptio.list_checkpoints(os.path.join(runs, "other")) == []
