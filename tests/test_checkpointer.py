@@ -118,3 +118,67 @@ def test_load_into_checks_every_key_and_shape_and_names_the_differences(tmp_path
     message = str(err.value)
     assert "body.weight: checkpoint [16, 16], model [32, 32]" in message and "run.e00000001.safetensors" in message
     assert all(torch.equal(before[k], v) for k, v in wide.state_dict().items())
+
+
+def test_load_into_optimizer_errors_name_the_checkpoint_file(tmp_path, env_meta):
+    from archs import MLPArch
+
+    run = str(tmp_path / "run")
+    ck = ckptio.Checkpointer(run, MLPArch(hidden=16))
+    model = ck.load_or_create_policy(env_meta)
+    ck.save(model, 1, optimizer=_adam_state(model))
+    # the same weights, but head.weight is a buffer here: the optimizer state names a parameter the model lacks
+    target = MLPArch(hidden=16).make_policy(env_meta)
+    weight = target.head.weight
+    del target.head.weight
+    target.head.register_buffer("weight", weight.detach())
+    with pytest.raises(ckptio.StateDictMismatchError) as err:
+        ckptio.Checkpointer(run, MLPArch(hidden=16)).load_into(target, torch.optim.Adam(target.parameters()))
+    assert "run.e00000001.safetensors: optimizer state for 'head.weight'" in str(err.value)
+    ck.save(model, 2)  # saved without an optimizer: loading one says which file holds none
+    with pytest.raises(ckptio.CheckpointError, match=r"run\.e00000002\.safetensors: holds no optimizer state"):
+        ckptio.Checkpointer(run, MLPArch(hidden=16)).load_into(model, torch.optim.Adam(model.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["tied", "shared-storage", "view-of-buffer"])
+def test_a_background_save_writes_the_same_file_as_a_synchronous_one(tmp_path, env_meta, kind):
+    """Same tensors, same aliases, same bytes: only the save id and the digests that cover it differ (#23)."""
+    from archs import MLPArch
+
+    from ckptio.formats import read_header
+
+    torch.manual_seed(0)
+    model = MLPArch(hidden=16, tied=kind == "tied").make_policy(env_meta)
+    if kind == "shared-storage":  # two parameters in one allocation, at different offsets (as flat-buffer models do)
+        flat = torch.zeros(2 * 16 * 16)
+        model.body.weight = torch.nn.Parameter(flat[: 16 * 16].view(16, 16))
+        model.extra = torch.nn.Linear(16, 16, bias=False)
+        model.extra.weight = torch.nn.Parameter(flat[16 * 16 :].view(16, 16))
+        torch.nn.init.normal_(flat)
+    elif kind == "view-of-buffer":  # a buffer that is a view of another one
+        model.register_buffer("stats", torch.arange(12.0).reshape(3, 4))
+        model.register_buffer("first_row", model.stats[0])
+    files = {}
+    for mode in ("sync", "async"):
+        ck = ckptio.Checkpointer(str(tmp_path / mode), MLPArch(hidden=16, tied=kind == "tied"))
+        ck.save(model, 1, async_=mode == "async")
+        ck.close()
+        files[mode] = ckptio.latest(str(tmp_path / mode)).uri
+    headers, sizes = [], []
+    for mode in ("sync", "async"):
+        with open(files[mode], "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            headers.append(read_header(f, size, files[mode]))
+        sizes.append(size)
+    sync, background = headers
+    assert sizes[0] == sizes[1]
+    assert sync.entries == background.entries  # names, dtypes, shapes, offsets
+    ignored = {"ckptio.save_id", "ckptio.crc32"}
+    assert {k: v for k, v in sync.metadata.items() if k not in ignored} == {
+        k: v for k, v in background.metadata.items() if k not in ignored
+    }
+    if kind == "tied":
+        assert json.loads(sync.metadata["ckptio.aliases"]) == {"tied_out.weight": "body.weight"}
+    a, b = (ckptio.load_from_uri(files[m]).state_dict for m in ("sync", "async"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -228,3 +228,36 @@ def test_ranks_that_disagree_fail_together_within_seconds_and_write_nothing(tmp_
     assert all(r.ok for r in ckptio.verify(run))
     assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith(".")]
     assert ckptio.list_checkpoints(os.path.join(runs, "other")) == []
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "plain"])
+def test_a_save_never_changes_training_whatever_the_optimizer_state(tmp_path, mode):
+    """Training after a save (model and optimizer) is bit-identical to training without it."""
+    out = str(tmp_path / "out")
+    proc = subprocess.run(
+        torchrun_cmd("observe_job", str(tmp_path / "runs"), out, "--mode", mode), cwd=REPO_ROOT,
+        env=subprocess_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in range(2):
+        with open(os.path.join(out, f"rank{rank}.json")) as f:
+            report = json.load(f)
+        # never stepped, partly frozen (never stepped and stepped), stepped, stepped with a background save;
+        # a never-stepped optimizer's checkpoint resumed equals a fresh optimizer, before and after training
+        assert len(report) == 8, report
+        assert all(diffs == [] for diffs in report.values()), report
+
+
+def test_save_from_any_wrapping_load_into_any_other_at_another_world_size(tmp_path):
+    """None, torch.compile, activation checkpointing, both; FSDP2 or not: model and optimizer, against torch's own."""
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "out")
+    for phase, nproc in (("save", 2), ("load", 1)):
+        proc = subprocess.run(
+            torchrun_cmd("wrap_job", runs, out, "--phase", phase, nproc=nproc), cwd=REPO_ROOT, env=subprocess_env(),
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(os.path.join(out, "load.json")) as f:
+        results = json.load(f)
+    assert len(results) == 8 * 8, sorted(results)
+    assert {k: v for k, v in results.items() if v} == {}
