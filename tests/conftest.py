@@ -4,6 +4,7 @@ import shutil
 import sys
 import tempfile
 
+import psutil
 import pytest
 import torch
 
@@ -19,9 +20,16 @@ if "CKPTIO_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["CKPTIO_CACHE_DIR"], ignore_errors=True)
 
 
+# every process a test starts carries the test's id: whatever is still alive after the test leaked
+PROCESS_MARK = "CKPTIO_TEST_PROCESS"
+_current_test: dict[str, str] = {}
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for child processes that import the test architectures and the launch package."""
     env = dict(os.environ)
+    if "id" in _current_test:
+        env[PROCESS_MARK] = _current_test["id"]
     env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, REPO_ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
@@ -63,6 +71,46 @@ def run_torchrun(module: str, *args: str, timeout: float = 120, check: bool = Tr
             f"torchrun {module} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def _marked(token: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(PROCESS_MARK) == token:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind(request):
+    """Fails the test if a process it started outlives it (torchrun workers live in sessions of their own)."""
+    token = f"{os.getpid()}:{request.node.nodeid}"
+    _current_test["id"] = token
+    yield
+    del _current_test["id"]
+    _, alive = psutil.wait_procs(_marked(token), timeout=10)  # bounded: ones already told to exit finish
+    for proc in alive:
+        proc.kill()
+    if alive:
+        pytest.fail(f"{len(alive)} processes outlived the test: {[p.pid for p in alive]} (killed now)")
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant, wherever their sessions are, and reap them."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
 
 
 def pytest_addoption(parser):

@@ -56,13 +56,15 @@ def train(model, opt, mode: str, steps: int) -> None:
         opt.step()
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+
+
 def snapshot(model, opt) -> dict:
-    osd = opt.state_dict()
+    osd = opt.state_dict()  # the raw optimizer state (get_optimizer_state_dict would initialise a stateless one)
     return {
         "weights": {k: v.clone() for k, v in get_model_state_dict(model, options=FULL).items()},
-        # the raw optimizer state (get_optimizer_state_dict would initialise a stateless one)
-        "state": {i: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in s.items()}
-                  for i, s in osd["state"].items()},  # fmt: skip
+        "state": {i: {k: full(v) for k, v in s.items()} for i, s in osd["state"].items()},
         "groups": osd["param_groups"],
         "rng": torch.get_rng_state(),
     }
@@ -132,7 +134,9 @@ def main() -> int:
     report["resumed-never-stepped-trained"] = differences(snapshot(fresh_model, fresh_opt), snapshot(model, opt))
     # the premise: torch's own API gives a never-stepped optimizer state (an lr=0 step), which ckptio must not
     saved = get_optimizer_state_dict(*build(args.mode, world, frozen=False))
-    report["premise-torch-initialises"] = [] if saved["state"] else ["torch initialised no state: the cases above prove nothing"]
+    report["premise-torch-initialises"] = (
+        [] if saved["state"] else ["torch initialised no state: the cases above prove nothing"]
+    )
     ckpt.close()
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)

@@ -2,14 +2,13 @@
 
 import os
 import queue
-import signal
 import subprocess
 import threading
 import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_torchrun, subprocess_env, torchrun_cmd
+from conftest import REPO_ROOT, kill_tree, run_torchrun, subprocess_env, torchrun_cmd
 
 import ckptio
 from ckptio.formats import read_safetensors
@@ -78,7 +77,7 @@ def test_sigkill_resume_restores_weights_optimizer_epoch_and_rng(tmp_path):
     try:
         _wait_for_line(proc, "PAUSED", timeout=120)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # the agent and its workers, which torchrun starts in sessions of their own
         proc.wait(timeout=30)
     assert [i.epoch for i in ckptio.list_checkpoints(killed)] == [1, 2]
 
