@@ -6,6 +6,7 @@ master finished would find the last checkpoint missing, and would tear gloo down
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -23,9 +24,16 @@ def main() -> int:
     run_dir = sys.argv[1]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    if sys.argv[2:] == ["broken-manifest"]:  # the master cannot read the run's manifest: every rank must learn it
-        if rank == 0:
+    if sys.argv[2:] in (["broken-manifest"], ["broken-listing"]):
+        # the master cannot read the run's manifest, or list its checkpoints: every rank must learn it
+        if rank == 0 and sys.argv[2] == "broken-manifest":
             os.makedirs(os.path.join(run_dir, "checkpoints", "model_architecture.json"))
+        elif rank == 0:
+
+            def broken_listdir(self):
+                raise OSError(errno.EIO, "Input/output error")
+
+            ckptio.storage.Storage.listdir = broken_listdir
         try:
             ckptio.Checkpointer(run_dir, MLPArch()).load_or_create_policy(ENV)
         except ckptio.CheckpointError as e:

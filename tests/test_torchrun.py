@@ -144,12 +144,15 @@ def test_ranks_leave_together_at_close_without_a_barrier_of_their_own(tmp_path, 
     assert out.stdout.count(f"latest after close {3}") == 2, out.stdout
 
 
-def test_a_failure_on_the_master_during_resume_reaches_every_rank(tmp_path):
-    """The master cannot read the manifest: both ranks raise a CheckpointError instead of rank 1 waiting."""
-    out = run_torchrun("leave_job", str(tmp_path / "run"), "broken-manifest", timeout=120, check=False)
+@pytest.mark.parametrize(
+    "broken,where", [("broken-manifest", "model_architecture.json"), ("broken-listing", "checkpoints")]
+)
+def test_a_failure_on_the_master_during_resume_reaches_every_rank(tmp_path, broken, where):
+    """The master cannot read the manifest or list the checkpoints: both ranks raise a typed error, none waits."""
+    out = run_torchrun("leave_job", str(tmp_path / "run"), broken, timeout=120, check=False)
     assert out.returncode != 0
     for rank in (0, 1):
-        assert f"rank {rank}: StorageError" in out.stdout and "model_architecture.json" in out.stdout, out.stdout
+        assert f"rank {rank}: StorageError" in out.stdout and where in out.stdout, out.stdout
 
 
 def test_the_main_job_leaves_cleanly_every_time(tmp_path, request):
