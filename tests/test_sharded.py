@@ -249,7 +249,7 @@ def test_a_save_never_changes_training_whatever_the_optimizer_state(tmp_path, mo
 
 
 def test_save_from_any_wrapping_load_into_any_other_at_another_world_size(tmp_path):
-    """None, torch.compile, activation checkpointing, both; FSDP2 or not: model and optimizer, against torch's own."""
+    """None, torch.compile, activation checkpointing, both; FSDP2 or DDP: model and optimizer, against torch's own."""
     runs, out = str(tmp_path / "runs"), str(tmp_path / "out")
     for phase, nproc in (("save", 2), ("load", 1)):
         proc = subprocess.run(
@@ -259,5 +259,5 @@ def test_save_from_any_wrapping_load_into_any_other_at_another_world_size(tmp_pa
         assert proc.returncode == 0, proc.stderr[-4000:]
     with open(os.path.join(out, "load.json")) as f:
         results = json.load(f)
-    assert len(results) == 8 * 8, sorted(results)
+    assert len(results) == 9 * 9, sorted(results)
     assert {k: v for k, v in results.items() if v} == {}

@@ -2,7 +2,8 @@
 
     wrap_job.py RUN_DIR OUT_DIR --phase save|load
 
-Wrappings: none, torch.compile, activation checkpointing (checkpoint_wrapper), both. ``save``
+Wrappings: none, torch.compile, activation checkpointing (checkpoint_wrapper), both, and all three
+with DDP (``module.``). ``save``
 (any world size): for each wrapping, FSDP2-sharded and not, trains two Adam steps and saves model
 and optimizer into ``RUN_DIR/{wrapping}[-fsdp]``; rank 0 writes torch's own full state dicts beside them as the
 reference (``OUT/{wrapping}.ref.safetensors``, ``OUT/{wrapping}.ref_optim.safetensors``).
@@ -31,9 +32,10 @@ import ckptio
 
 ENV = {"obs_dim": 8, "num_actions": 4}
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-WRAPPINGS = ["none", "compile", "ac", "compile+ac"]
+WRAPPINGS = ["none", "compile", "ac", "compile+ac", "ddp+compile+ac"]
 FSDP = "-fsdp"
-SAVED = [w + s for w in WRAPPINGS for s in (FSDP, "")]
+# every wrapping, FSDP2-sharded and not (DDP replicates: it is never combined with FSDP2)
+SAVED = [w + s for w in WRAPPINGS for s in (FSDP, "") if not (s and "ddp" in w)]
 
 
 def build(wrapping: str, sharded: bool, world: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -47,8 +49,9 @@ def build(wrapping: str, sharded: bool, world: int) -> tuple[torch.nn.Module, to
         for layer in (model.embed, model.body, model.head):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if "ddp" in wrapping else model
     # names are what compile changes; the forward runs eagerly (tracing FSDP2 hooks is not under test)
-    return (torch.compile(model, backend="eager") if "compile" in wrapping else model), model
+    return (torch.compile(wrapped, backend="eager") if "compile" in wrapping else wrapped), model
 
 
 def full(model, opt) -> tuple[dict, dict]:
@@ -95,19 +98,18 @@ def main() -> int:
     for saved in SAVED:
         want_w = load_file(os.path.join(args.out, f"{saved}.ref.safetensors"))
         want_o = load_file(os.path.join(args.out, f"{saved}.ref_optim.safetensors"))
-        for target in WRAPPINGS:
-            for sharded in (True, False):
-                model, _ = build(target, sharded, world)
-                opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-                key = f"{saved} -> {target}{' (FSDP2)' if sharded else ''}"
-                try:
-                    ckpt = ckptio.Checkpointer(os.path.join(args.run_dir, saved), arch)
-                    assert ckpt.load_into(model, opt)
-                    ckpt.close()
-                    got_w, got_o = full(model, opt)
-                    results[key] = differences(got_w, want_w, "weight") + differences(got_o, want_o, "optimizer")
-                except Exception as e:
-                    results[key] = [f"{type(e).__name__}: {e}"]
+        for target in SAVED:
+            model, _ = build(target.removesuffix(FSDP), target.endswith(FSDP), world)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+            key = f"{saved} -> {target}"
+            try:
+                ckpt = ckptio.Checkpointer(os.path.join(args.run_dir, saved), arch)
+                assert ckpt.load_into(model, opt)
+                ckpt.close()
+                got_w, got_o = full(model, opt)
+                results[key] = differences(got_w, want_w, "weight") + differences(got_o, want_o, "optimizer")
+            except Exception as e:
+                results[key] = [f"{type(e).__name__}: {e}"]
     if rank == 0:
         with open(os.path.join(args.out, "load.json"), "w") as f:
             json.dump(results, f, indent=1)
