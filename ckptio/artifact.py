@@ -148,6 +148,18 @@ class PolicyArtifact:
     epoch: int | None = None
     _module: torch.nn.Module | None = field(default=None, init=False, repr=False)
 
+    def __repr__(self) -> str:
+        # a checkpoint's repr names it; printing every tensor of a large policy helps nobody
+        if self.policy is not None:
+            return f"PolicyArtifact(source={self.source!r}, policy={type(self.policy).__name__})"
+        assert self.state_dict is not None
+        arch = type(self.policy_architecture).__name__ if self.policy_architecture is not None else None
+        metrics = sorted(self.training_metrics) if self.training_metrics is not None else None
+        return (
+            f"PolicyArtifact(source={self.source!r}, epoch={self.epoch}, tensors={len(self.state_dict)}, "
+            f"architecture={arch}, metrics={metrics}, instantiated={self._module is not None})"
+        )
+
     def __post_init__(self) -> None:
         if (self.policy is None) == (self.state_dict is None):
             raise InvalidArtifactError(

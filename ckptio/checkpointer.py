@@ -44,7 +44,25 @@ log = logging.getLogger("ckptio")
 
 @dataclass
 class CheckpointConfig:
-    """How a training run checkpoints."""
+    """How a training run checkpoints. Every field has a working default; the groups:
+
+    - What is written: ``checkpoint_format`` ("safetensors", or "pt" for plain models), every
+      ``epoch_interval`` epochs (``save(force=True)`` saves anyway), named ``{run_name}.e{epoch}``.
+    - Retention: ``keep_last`` newest and ``keep_best=(metric, "max"|"min", count)``; None keeps all.
+      Never deleted: the newest, this job's last save, anything still uploading.
+    - The run directory's fsspec ``storage_options`` (credentials, endpoint), when it is a URI.
+    - Object storage: ``remote_uri`` (+ ``remote_storage_options``) gets a copy of every checkpoint from
+      ``upload_workers`` background threads; at most ``upload_max_pending`` wait (``upload_coalesce``
+      skips the oldest waiting one rather than block ``save``); each file is retried ``upload_retries``
+      times from ``upload_backoff_s`` and bounded by ``upload_file_timeout_s``; ``on_uploaded(uri)`` is
+      called once a copy committed; ``close()`` waits for uploads within ``close_timeout_s``.
+    - ``async_save``: ``save`` returns once tensors are copied to CPU; writing runs in the background.
+    - Resume from object storage: ``cache_dir`` (default ``$CKPTIO_CACHE_DIR`` or ``~/.cache/ckptio``)
+      holds one copy per node, up to ``cache_max_bytes``.
+    - ``resume_without_trainer_state``: resume with a fresh optimizer and RNG (a warning) when the
+      trainer-state file is missing or damaged, instead of raising.
+    - ``shard_timeout_s``: how long a sharded (DTensor) save waits for another rank before failing.
+    """
 
     checkpoint_format: str = "safetensors"
     epoch_interval: int = 1

@@ -10,9 +10,9 @@ from typing import Any
 
 from .discovery import list_checkpoints
 from .errors import CheckpointError
-from .tools import convert, inspect_checkpoint, verify
+from .tools import convert, export, inspect_checkpoint, verify
 
-_STATUS = {"ok": "OK        ", "bad": "BAD       ", "unverified": "UNVERIFIED"}
+_STATUS = {"ok": "OK        ", "bad": "BAD       ", "unverified": "UNVERIFIED", "gone": "GONE      "}
 
 
 def _storage_options(raw: str | None) -> dict[str, Any]:
@@ -36,6 +36,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{info.epoch}\t{info.format}\t{info.uri}")
     elif args.command == "convert":
         print(convert(args.src, args.dst, trusted=args.trusted, storage_options=opts))
+    elif args.command == "export":
+        print(export(args.src, args.dst, storage_options=opts))
     elif args.command == "verify":
         results = verify(args.uri, opts)
         for r in results:
@@ -59,9 +61,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("dst")
     p.add_argument("--trusted", action="store_true", help="allow unpickling a whole module from a .pt you trust")
     p = sub.add_parser(
+        "export",
+        help="copy a checkpoint with all its files (metrics, trainer state, architecture) under a new name or "
+        "place: DST is a file name, or a directory ending in /",
+    )
+    p.add_argument("src")
+    p.add_argument("dst")
+    p = sub.add_parser(
         "verify",
         help="check every file of each checkpoint against its digest; exit 1 if any is bad "
-        "(UNVERIFIED: valid, but carries no digest to check its contents)",
+        "(UNVERIFIED: valid, but carries no digest to check its contents; GONE: deleted or replaced "
+        "while being verified, as retention does on a live run: not an error)",
     )
     p.add_argument("uri")
     args = parser.parse_args(argv)

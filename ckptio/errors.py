@@ -96,3 +96,7 @@ def typed_io(target: str, operation: str) -> Iterator[None]:
 
 class InvalidArtifactError(ArchitectureError, InvalidArgumentError):
     """A PolicyArtifact built from invalid arguments (both or neither of a module and a state dict, ...)."""
+
+
+class CheckpointWarning(UserWarning):
+    """Something a load went on without, as documented (a copy's sidecars not beside it)."""

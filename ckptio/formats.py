@@ -45,6 +45,7 @@ from .storage import write_all
 __all__ = [
     "FORMAT_VERSION",
     "SafetensorsHeader",
+    "WRITER_KEYS",
     "alias_key",
     "check_digest",
     "crc32_hex",
@@ -78,7 +79,7 @@ log = logging.getLogger("ckptio")
 # torch dtypes of another shape; ckptio refuses them by name rather than calling the file corrupt.
 _UNSUPPORTED_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
 # Written by write_safetensors itself: a caller's metadata may not set them.
-_WRITER_KEYS = frozenset({"ckptio.crc32", "ckptio.data_bytes", "ckptio.format", "ckptio.aliases"})
+WRITER_KEYS = frozenset({"ckptio.crc32", "ckptio.data_bytes", "ckptio.format", "ckptio.aliases"})
 _INT64_MAX = 2**63 - 1
 _U64_LIMIT = 2**64
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in _DTYPES.items()}
@@ -247,7 +248,7 @@ def write_safetensors(
         return
     stored, aliases = _prepare(tensors, detach)
     user_meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    reserved = sorted(_WRITER_KEYS & user_meta.keys())
+    reserved = sorted(WRITER_KEYS & user_meta.keys())
     if reserved:
         raise CheckpointFormatError(f"metadata keys {reserved} are written by ckptio itself and cannot be set")
     # the digest is the first metadata entry, so its place in the header is known without searching

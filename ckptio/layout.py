@@ -18,6 +18,7 @@ import io
 import json
 import re
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -30,6 +31,7 @@ from .errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    CheckpointWarning,
     CorruptCheckpointError,
     InvalidArgumentError,
 )
@@ -205,19 +207,33 @@ class Sidecars:
     metrics_crc32: str | None
     trainer: str | None
     declared: bool  # False for files from before sidecars were named: fixed names, each optional
+    # the weights no longer carry the name they were saved under (a copy or a rename): sidecars
+    # found beside them are proven theirs by the header's digests; absent ones are not damage
+    moved: bool = False
 
     @classmethod
     def of(cls, base: str, metadata: Mapping[str, str], source: str) -> Sidecars:
         if SAVE_ID_KEY not in metadata:
             return cls(base + METRICS_SUFFIX, None, base + TRAINER_SUFFIX, declared=False)
         metrics, trainer = metadata.get(METRICS_FILE_KEY), metadata.get(TRAINER_FILE_KEY)
-        for name in (metrics, trainer):
-            if name is not None and (not name.startswith(base + ".") or "/" in name):
-                raise CorruptCheckpointError(f"{source}: header names sidecar {name!r}, which is not of {base}")
-        return cls(metrics, metadata.get(METRICS_CRC_KEY), trainer, declared=True)
+        for name, suffix in ((metrics, METRICS_SUFFIX), (trainer, TRAINER_SUFFIX)):
+            # a plain file name beside the weights: a header can never point a reader elsewhere
+            if name is not None and ("/" in name or "\\" in name or name.startswith(".") or not name.endswith(suffix)):
+                raise CorruptCheckpointError(f"{source}: header names sidecar {name!r}, which is not a file beside it")
+        moved = any(n is not None and not n.startswith(base + ".") for n in (metrics, trainer))
+        return cls(metrics, metadata.get(METRICS_CRC_KEY), trainer, declared=True, moved=moved)
 
     def names(self) -> list[str]:
         return [n for n in (self.metrics, self.trainer) if n is not None]
+
+
+def _not_beside_the_copy(storage: Storage, weights: str, sidecar: str) -> None:
+    warnings.warn(
+        f"{storage.url(weights)}: a copy whose sidecar {sidecar} is not beside it; loading its weights without it "
+        "(ckptio export copies a checkpoint with all its files)",
+        CheckpointWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass(frozen=True)
@@ -363,6 +379,9 @@ def read_metrics(storage: Storage, weights: str, metadata: Mapping[str, str] | N
         return None
     data = _read_optional(storage, sidecars.metrics)
     if data is None:
+        if sidecars.moved:
+            _not_beside_the_copy(storage, weights, sidecars.metrics)
+            return None
         if sidecars.declared:
             raise _sidecar_missing(storage, weights, metadata, sidecars.metrics)
         return legacy_name_metrics(weights)
@@ -401,6 +420,9 @@ def read_trainer_state(
         local = fetch_local(storage, name, cache)
         tensors, meta = read_weights(storage, name, verify=verify, local_path=local)
     except CheckpointNotFoundError:
+        if sidecars.moved:
+            _not_beside_the_copy(storage, weights, name)
+            return None
         if sidecars.declared:
             raise _sidecar_missing(storage, weights, metadata, name) from None
         return None

@@ -49,6 +49,7 @@ from .layout import (
     write_manifest,
 )
 from .storage import Storage
+from .trainer_state import unflatten
 from .version import __version__
 
 __all__ = ["CheckpointManager", "save_policy_artifact"]
@@ -187,6 +188,7 @@ class CheckpointManager:
         return info_of(self.storage, name)
 
     def latest(self, uri: str | None = None) -> CheckpointInfo:
+        """This run's newest checkpoint by epoch (any directory's, when ``uri`` is given); raises if none."""
         found = self.list_checkpoints(uri)
         if not found:
             raise CheckpointNotFoundError(f"{uri or self.checkpoint_dir}: no checkpoints of run {self.run_name!r}")
@@ -195,6 +197,7 @@ class CheckpointManager:
     def select_checkpoints(
         self, uri: str | None = None, metric: str | None = None, mode: str = "max", count: int = 1
     ) -> list[CheckpointInfo]:
+        """The best ``count`` of this run's checkpoints by a training metric (newest first without one)."""
         return best(self.list_checkpoints(uri), metric, mode, count)
 
     def load_from_uri(self, uri: str | None = None, policy_architecture: Any = None, **kwargs: Any) -> PolicyArtifact:
@@ -228,6 +231,13 @@ class CheckpointManager:
         if metadata is None:
             metadata = read_metadata(info.storage, info.name, local_path=fetch_local(info.storage, info.name, cache))
         return read_trainer_state(info.storage, info.name, metadata, cache=cache)
+
+    def load_trainer_state(self, info: CheckpointInfo | None = None, cache: NodeCache | None = None) -> Any:
+        """The trainer state saved with a checkpoint (default: the latest), as the nested structure it was saved
+        as: ``{"user": ..., "epoch": ..., "rng": [...], "optimizer": ...}``; None if it was saved without."""
+        info = info if info is not None else self.latest()
+        raw = self.read_trainer_state(info, cache)
+        return None if raw is None else unflatten(*raw, source=info.uri)
 
     # -- retention -------------------------------------------------------------------------------
     def retained(self, infos: list[CheckpointInfo], protect: Iterable[str] = ()) -> set[str]:

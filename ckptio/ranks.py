@@ -67,6 +67,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def rank_info() -> RankInfo:
+    """This process's rank, node-local rank and world sizes (a single process when not distributed)."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_world = _env_int("LOCAL_WORLD_SIZE", world)
@@ -79,6 +80,7 @@ def rank_info() -> RankInfo:
 
 
 def is_master() -> bool:
+    """True on global rank 0, the only rank that writes checkpoints (and in a single process)."""
     return rank_info().is_master
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +21,12 @@ from .errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     InvalidArgumentError,
     save_failed,
     typed_io,
 )
-from .formats import check_digest
+from .formats import WRITER_KEYS, check_digest, write_safetensors
 from .layout import (
     MANIFEST_NAME,
     WEIGHT_EXTENSIONS,
@@ -41,7 +43,62 @@ from .layout import (
 )
 from .storage import Storage
 
-__all__ = ["VerifyResult", "convert", "inspect_checkpoint", "verify", "verify_checkpoint"]
+__all__ = ["VerifyResult", "convert", "export", "inspect_checkpoint", "verify", "verify_checkpoint"]
+
+
+def export(src: str, dst: str, *, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Copy a checkpoint as a self-contained unit to ``dst``: a file name (any) or a directory (ending in /).
+
+    The weights keep their bytes; the sidecars their header names are copied beside them under those
+    names, first, and the weights last (the commit point, by atomic rename where the store has one).
+    A checkpoint whose architecture lives in its run's manifest gets it in its header, so the copy
+    needs no run directory. Returns the copy's URI, verified.
+    """
+    with typed_io(src, "reading"):
+        storage, name = locate(src, storage_options)
+        metadata = read_metadata(storage, name)
+        sidecars = Sidecars.of(name.rsplit(".", 1)[0], metadata, storage.url(name))
+        record = (
+            None
+            if "ckptio.architecture" in metadata
+            else architecture_record(storage, name.rsplit(".", 1)[0], metadata)
+        )
+    directory, leaf = posixpath.split(dst) if not dst.endswith("/") else (dst.rstrip("/"), posixpath.basename(name))
+    if posixpath.splitext(leaf)[1] != posixpath.splitext(name)[1]:
+        raise CheckpointFormatError(
+            f"{dst}: an export keeps the format; name it {posixpath.splitext(name)[1]} (convert changes it)"
+        )
+    target = Storage(directory or ".", dict(storage_options or {}))
+    uri = target.url(leaf)
+    if target.exists(leaf):
+        raise InvalidArgumentError(f"{uri}: exists; export never overwrites a checkpoint")
+
+    def copy(from_name: str) -> Any:
+        def writer(f: Any) -> None:
+            with storage.open(from_name, "rb") as source:
+                shutil.copyfileobj(source, f, 1 << 20)
+
+        return writer
+
+    try:
+        for sidecar in sidecars.names():
+            if storage.exists(sidecar):
+                target.write(sidecar, copy(sidecar))
+        if record is not None and name.endswith(".safetensors"):
+            tensors, _ = read_weights(storage, name)
+            meta = {k: v for k, v in metadata.items() if k not in WRITER_KEYS}
+            meta["ckptio.architecture"] = record[1] if isinstance(record[1], str) else record[1].decode()
+            target.write(leaf, lambda f: write_safetensors(f, tensors, meta))
+        else:
+            target.write(leaf, copy(name))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise save_failed(uri, "exporting", e) from e
+    bad = [r for r in verify_checkpoint(target, leaf) if not r.ok]
+    if bad:
+        raise CorruptCheckpointError(f"{uri}: the export does not verify: {bad[0].uri}: {bad[0].detail}")
+    return uri
 
 
 def convert(src: str, dst: str, *, trusted: bool = False, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -122,7 +179,8 @@ def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = Non
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """One file's verdict: ``ok`` (digest matches), ``bad`` (damaged or missing) or ``unverified`` (no digest)."""
+    """One file's verdict: ``ok`` (digest matches), ``bad`` (damaged or missing), ``unverified`` (no digest)
+    or ``gone`` (its checkpoint was deleted or replaced while being verified: retention on a live run)."""
 
     uri: str
     status: str
@@ -133,13 +191,24 @@ class VerifyResult:
         return self.status != "bad"
 
 
+_GONE = "deleted or replaced while it was being verified (retention or a re-save of a live run), not damaged"
+
+
+def _verdict(error: CheckpointError, uri: str) -> VerifyResult:
+    # CheckpointNotFoundError here means the checkpoint itself vanished or moved on (its weights are gone,
+    # or name another save): a sidecar missing from a checkpoint that is still there is CorruptCheckpointError
+    if isinstance(error, CheckpointNotFoundError):
+        return VerifyResult(uri, "gone", _GONE)
+    return VerifyResult(uri, "bad", _detail(error, uri))
+
+
 def _verify_weights(storage: Storage, name: str) -> tuple[VerifyResult, dict[str, str] | None]:
     uri = storage.url(name)
     if not name.endswith(".safetensors"):  # .pt has no digest: a full load is the check
         try:
             metadata = read_weights(storage, name, mmap=False)[1]
         except CheckpointError as e:
-            return VerifyResult(uri, "bad", _detail(e, uri)), None
+            return _verdict(e, uri), None
         return VerifyResult(uri, "unverified", "loads, but .pt files carry no digest"), metadata
     try:
         with open_weights(storage, name) as f:
@@ -149,7 +218,7 @@ def _verify_weights(storage: Storage, name: str) -> tuple[VerifyResult, dict[str
             return unverified, read_metadata(storage, name)
         return VerifyResult(uri, "ok"), metadata
     except CheckpointError as e:
-        return VerifyResult(uri, "bad", _detail(e, uri)), None
+        return _verdict(e, uri), None
 
 
 def _detail(error: BaseException, uri: str) -> str:
@@ -165,21 +234,28 @@ def verify_checkpoint(storage: Storage, name: str) -> list[VerifyResult]:
     if metadata is None:
         return results
     sidecars = Sidecars.of(name.rsplit(".", 1)[0], metadata, weights.uri)
-    if sidecars.metrics is not None and (sidecars.declared or storage.exists(sidecars.metrics)):
+    if sidecars.moved:  # a copy: what is not beside it is not there to check (nor damage)
+        results += [
+            VerifyResult(storage.url(n), "unverified", "saved with this checkpoint; not beside this copy")
+            for n in sidecars.names()
+            if not storage.exists(n)
+        ]
+    present = [n for n in sidecars.names() if not sidecars.moved or storage.exists(n)]
+    if sidecars.metrics in present and (sidecars.declared or storage.exists(sidecars.metrics)):
         uri = storage.url(sidecars.metrics)
         try:
             read_metrics(storage, name, metadata)
             status = "ok" if sidecars.metrics_crc32 else "unverified"
             results.append(VerifyResult(uri, status, "" if sidecars.metrics_crc32 else "valid JSON; no digest"))
         except CheckpointError as e:
-            results.append(VerifyResult(uri, "bad", _detail(e, uri)))
-    if sidecars.trainer is not None and (sidecars.declared or storage.exists(sidecars.trainer)):
+            results.append(_verdict(e, uri))
+    if sidecars.trainer in present and (sidecars.declared or storage.exists(sidecars.trainer)):
         uri = storage.url(sidecars.trainer)
         try:
             read_trainer_state(storage, name, metadata, verify=True)
             results.append(VerifyResult(uri, "ok"))
         except CheckpointError as e:
-            results.append(VerifyResult(uri, "bad", _detail(e, uri)))
+            results.append(_verdict(e, uri))
     return results
 
 

@@ -1,6 +1,7 @@
 """PolicyArtifact validation, instantiate (strict, cache, zero-copy) and the architecture allow-list."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -108,3 +109,23 @@ def test_mock_uri(env_meta):
     assert isinstance(module, ckptio.MockPolicy)
     out = module(torch.randn(5, env_meta["obs_dim"]))
     assert out.shape == (5, env_meta["num_actions"]) and not out.any()
+
+
+def test_repr_names_the_checkpoint_without_printing_tensors(tmp_path, policy):
+    uri = ckptio.CheckpointManager(str(tmp_path / "run")).save_agent(policy, 3, {"reward": 1.0})
+    art = ckptio.load_from_uri(uri)
+    text = repr(art)
+    assert len(text) < 300 and "tensor(" not in text, text
+    assert uri in text and "epoch=3" in text and f"tensors={len(policy.state_dict())}" in text and "reward" in text
+
+
+def test_readme_training_loops_agree_with_the_main_job():
+    """Every training loop the README shows iterates epochs as launch/train.py does (a fresh run saves no epoch 0)."""
+    import re
+
+    from conftest import REPO_ROOT
+
+    readme = open(os.path.join(REPO_ROOT, "README.md")).read()
+    loops = re.findall(r"for epoch in range\((.*)\):", readme)
+    main_job = re.findall(r"for epoch in range\((.*)\):", open(os.path.join(REPO_ROOT, "launch", "train.py")).read())
+    assert len(loops) >= 2 and set(loops) == {main_job[0].replace("args.", "")}, loops

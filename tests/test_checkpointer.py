@@ -182,3 +182,16 @@ def test_a_background_save_writes_the_same_file_as_a_synchronous_one(tmp_path, e
         assert json.loads(sync.metadata["ckptio.aliases"]) == {"tied_out.weight": "body.weight"}
     a, b = (ckptio.load_from_uri(files[m]).state_dict for m in ("sync", "async"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainer_state_is_read_back_as_the_nested_structure_it_was_saved_as(tmp_path, env_meta):
+    from archs import MLPArch
+
+    ck = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(hidden=16))
+    model = ck.load_or_create_policy(env_meta)
+    opt = _adam_state(model)
+    ck.save(model, 1, trainer_state={"step": 12, "sched": {"last": [1, 2]}}, optimizer=opt)
+    tree = ckptio.CheckpointManager(str(tmp_path / "run")).load_trainer_state()
+    assert tree["user"] == {"step": 12, "sched": {"last": [1, 2]}} and tree["epoch"] == 1
+    assert torch.equal(tree["optimizer"]["state"]["head.weight"]["exp_avg"], opt.state[model.head.weight]["exp_avg"])
+    assert len(tree["rng"]) == 1 and set(tree["rng"][0]) >= {"torch", "python", "numpy"}

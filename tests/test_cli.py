@@ -1,12 +1,16 @@
 """The ckptio command line: inspect, ls, convert, verify."""
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import ckptio
+import ckptio.formats
+import ckptio.layout
 from ckptio.cli import main
 
 
@@ -53,3 +57,104 @@ def test_cli_verify_reports_each_bad_file(tmp_path, policy, capsys):
     assert main(["verify", good]) == 0
     assert main(["inspect", str(tmp_path / "empty")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_cli_verify_of_a_live_run_reports_pruned_checkpoints_as_gone_not_bad(tmp_path, policy, capsys, monkeypatch):
+    """Retention deletes a checkpoint while verify reads it: GONE and exit 0; damage alone is BAD (#19)."""
+    import ckptio.layout
+    import ckptio.tools
+
+    mgr = ckptio.CheckpointManager(str(tmp_path / "run"))
+    for epoch in (1, 2, 3):
+        mgr.save_agent(policy, epoch, {"r": float(epoch)}, trainer_state=({"t": torch.ones(2)}, {"k": "v"}))
+    infos = mgr.list_checkpoints()
+    # the moment retention strikes: epoch 1 after its weights were checked (before its metrics are read),
+    # epoch 2 between the listing and the opening of its weights
+    real_read_metrics, real_open = ckptio.tools.read_metrics, ckptio.tools.open_weights
+
+    def read_metrics_then_prune(storage, name, metadata=None):
+        if name == infos[0].name and storage.exists(name):
+            mgr.delete(infos[0])
+        return real_read_metrics(storage, name, metadata)
+
+    def open_after_prune(storage, name, local_path=None):
+        if name == infos[1].name and storage.exists(name):
+            mgr.delete(infos[1])
+        return real_open(storage, name, local_path)
+
+    monkeypatch.setattr(ckptio.tools, "read_metrics", read_metrics_then_prune)
+    monkeypatch.setattr(ckptio.tools, "open_weights", open_after_prune)
+    assert main(["verify", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "BAD" not in out, out
+    assert out.count("GONE") == 3 and "deleted or replaced while it was being verified" in out  # 1's two sidecars, 2
+    assert out.count("OK") == 3 + 1  # epoch 3's three files, epoch 1's weights
+    # a sidecar missing from a checkpoint that is still there is damage: BAD, exit 1
+    monkeypatch.undo()
+    metrics = next(n for n in mgr.storage.listdir() if n.startswith(infos[2].base) and n.endswith(".metrics.json"))
+    mgr.storage.delete(metrics)
+    assert main(["verify", str(tmp_path / "run")]) == 1
+    assert "BAD        " in capsys.readouterr().out
+
+
+def _ckptio(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ckptio", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_copied_or_renamed_checkpoint_loads_anywhere_and_export_makes_a_whole_copy(tmp_path, policy, capsys):
+    """cp to best.safetensors, or to another directory: loads, inspects, converts (#19); export copies every file."""
+    import shutil
+    import warnings
+
+    from archs import MLPArch
+
+    run = tmp_path / "run"
+    mgr = ckptio.CheckpointManager(str(run))
+    trainer = ({"0:/step": torch.tensor(7)}, {"ckptio.trainer_structure": json.dumps({"t": "0:/step"})})
+    weights = mgr.save_agent(policy, 1, {"reward": 0.9}, trainer_state=trainer, policy_architecture=MLPArch())
+    sidecars = [str(run / "checkpoints" / n) for n in os.listdir(run / "checkpoints") if n.count(".") == 4]
+    assert len(sidecars) == 2
+    # a rename beside its sidecars, and a copy with them in another directory: the same checkpoint
+    best = str(run / "checkpoints" / "best.safetensors")
+    shutil.copy(weights, best)
+    elsewhere = tmp_path / "eval"
+    elsewhere.mkdir()
+    for f in [weights, *sidecars]:
+        shutil.copy(f, elsewhere)
+    for copy in (best, str(elsewhere / os.path.basename(weights))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing to warn about: the sidecars are there
+            art = ckptio.load_from_uri(copy)
+        assert art.training_metrics == {"reward": 0.9} and torch.equal(
+            art.state_dict["head.weight"], policy.head.weight
+        )
+        assert all(r.status == "ok" for r in ckptio.verify(copy))
+        assert main(["inspect", copy]) == 0
+        assert json.loads(capsys.readouterr().out)["metrics"] == {"reward": 0.9}
+        assert main(["convert", copy, str(tmp_path / f"{len(os.listdir(tmp_path))}.pt")]) == 0
+        capsys.readouterr()
+    # a renamed copy alone: its weights load, no metrics, one warning; verify says what it cannot check
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(weights, alone / "policy.safetensors")
+    with pytest.warns(ckptio.CheckpointWarning, match="not beside it") as caught:
+        art = ckptio.load_from_uri(str(alone / "policy.safetensors"))
+    assert len(caught) == 1 and art.training_metrics is None
+    assert torch.equal(art.state_dict["body.weight"], policy.body.weight)
+    statuses = [r.status for r in ckptio.verify(str(alone / "policy.safetensors"))]
+    assert statuses == ["ok", "unverified", "unverified"]
+    # export: a whole unit under a new name, in a place with no run directory; never over an existing file
+    out = _ckptio("export", str(run), str(tmp_path / "shipped" / "best-policy.safetensors"))
+    assert out.returncode == 0, out.stderr
+    shipped = out.stdout.strip()
+    assert sorted(os.listdir(tmp_path / "shipped")) == sorted(
+        ["best-policy.safetensors", *map(os.path.basename, sidecars)]
+    )
+    art = ckptio.load_from_uri(shipped)
+    assert art.training_metrics == {"reward": 0.9} and art.policy_architecture == MLPArch()
+    assert all(r.status == "ok" for r in ckptio.verify(shipped))
+    assert main(["export", str(run), shipped]) == 2 and "never overwrites" in capsys.readouterr().err
+    # a header that points anywhere but beside the weights is refused, never followed
+    meta = ckptio.formats.read_header(open(weights, "rb"), os.path.getsize(weights), weights).metadata
+    with pytest.raises(ckptio.CorruptCheckpointError, match="not a file beside it"):
+        ckptio.layout.Sidecars.of("x", {**meta, "ckptio.metrics_file": "../x.metrics.json"}, "src")

@@ -1,5 +1,6 @@
 """Multi-rank behaviour under real torchrun (gloo, 2 processes on CPU)."""
 
+import json
 import os
 import queue
 import subprocess
@@ -153,6 +154,32 @@ def test_a_failure_on_the_master_during_resume_reaches_every_rank(tmp_path, brok
     assert out.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank}: StorageError" in out.stdout and where in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("mode", ["download", "load", "close"])
+def test_one_rank_failing_inside_a_collective_operation_stops_every_rank(tmp_path, mode, request):
+    """The node cache fill, one rank's load, the master's background save surfacing at close (#23's class)."""
+    args = [str(tmp_path / "run"), mode]
+    if mode == "download":
+        s3 = request.getfixturevalue("s3")
+        from archs import MLPArch
+
+        remote = f"s3://{s3.make_bucket()}/run"
+        torch.manual_seed(0)
+        policy = MLPArch().make_policy({"obs_dim": 6, "num_actions": 3})
+        ckptio.CheckpointManager(remote, storage_options=s3.options()).save_agent(policy, 1)
+        args += ["--remote", remote, "--options", json.dumps(s3.options())]
+    start = time.monotonic()
+    out = run_torchrun("fail_together_job", *args, timeout=120, check=False)
+    assert time.monotonic() - start < 60, "a rank waited for a collective timeout"
+    assert out.returncode != 0
+    lines = {line.split(":", 1)[0]: line for line in out.stdout.splitlines() if line.startswith("rank ")}
+    assert set(lines) == {"rank 0", "rank 1"}, out.stdout + out.stderr[-3000:]
+    failing = "rank 1" if mode == "load" else "rank 0"
+    other = "rank 0" if mode == "load" else "rank 1"
+    assert "Input/output error" in lines[failing], lines
+    expected = {"download": "StorageError", "load": "CheckpointError", "close": "CheckpointSaveError"}[mode]
+    assert f"{other}: {expected}:" in lines[other] and "Input/output error" in lines[other], lines
 
 
 def test_the_main_job_leaves_cleanly_every_time(tmp_path, request):
