@@ -19,6 +19,7 @@ Where each concern lives (data flows down this list, never up):
 """
 
 from .architecture import (
+    ArchitectureRecord,
     PolicyArchitecture,
     allow_architecture_modules,
     architecture_from_json,
@@ -57,6 +58,7 @@ from .version import __version__ as __version__
 
 __all__ = [
     "ArchitectureError",
+    "ArchitectureRecord",
     "CheckpointConfig",
     "CheckpointError",
     "CheckpointFormatError",

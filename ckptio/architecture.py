@@ -13,17 +13,20 @@ import importlib
 import json
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .errors import ArchitectureError, CheckpointSecurityError
+from .errors import ArchitectureError, CheckpointError, CheckpointSecurityError
 
 __all__ = [
+    "ArchitectureRecord",
     "PolicyArchitecture",
     "allow_architecture_modules",
     "allowed_architecture_modules",
     "architecture_from_json",
+    "architecture_or_record",
     "architecture_to_json",
     "architectures_equal",
     "class_path_of",
@@ -89,8 +92,38 @@ def _config_of(arch: Any) -> dict[str, Any]:
     )
 
 
+@dataclass(frozen=True)
+class ArchitectureRecord:
+    """A checkpoint's architecture record whose class is not built here (outside the allow-list, or not
+    importable): readable as it is; ``make_policy`` raises why, since building is where classes are imported."""
+
+    class_path: str | None
+    config: Any
+    source: str
+    reason: CheckpointError = field(compare=False, repr=False)
+
+    def make_policy(self, env_metadata: Any) -> torch.nn.Module:
+        raise type(self.reason)(str(self.reason))
+
+
+def architecture_or_record(data: Any, allow: Iterable[str] = (), source: str = "<json>") -> Any:
+    """The architecture built through the allow-list, or, where it cannot be, its record (building raises)."""
+    try:
+        return architecture_from_json(data, allow=allow, source=source)
+    except (ArchitectureError, CheckpointSecurityError) as e:
+        try:
+            record = json.loads(data) if isinstance(data, (str, bytes)) else data
+        except ValueError:
+            record = None
+        record = record if isinstance(record, dict) else {}
+        class_path = record.get("class_path")
+        return ArchitectureRecord(class_path if isinstance(class_path, str) else None, record.get("config"), source, e)
+
+
 def architecture_to_json(arch: Any) -> dict[str, Any]:
     """``{"class_path", "config"}`` for an architecture (its class is not added to the allow-list)."""
+    if isinstance(arch, ArchitectureRecord):
+        return {"class_path": arch.class_path, "config": arch.config}
     if not hasattr(arch, "make_policy"):
         raise ArchitectureError(f"{type(arch).__qualname__} has no make_policy(env_metadata) method")
     config = _config_of(arch)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from .discovery import list_checkpoints
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError
 from .tools import convert, export, inspect_checkpoint, verify
+from .version import __version__
 
 _STATUS = {"ok": "OK        ", "bad": "BAD       ", "unverified": "UNVERIFIED", "gone": "GONE      "}
 
@@ -32,7 +34,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         print(json.dumps(inspect_checkpoint(args.uri, opts), indent=2, default=str))
     elif args.command == "ls":
-        for info in list_checkpoints(args.uri, opts):
+        infos = list_checkpoints(args.uri, opts)
+        if not infos:
+            raise CheckpointNotFoundError(f"{args.uri}: no checkpoints in this directory")
+        for info in infos:
             print(f"{info.epoch}\t{info.format}\t{info.uri}")
     elif args.command == "convert":
         print(convert(args.src, args.dst, trusted=args.trusted, storage_options=opts))
@@ -48,20 +53,30 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ckptio", description=__doc__)
-    parser.add_argument("--storage-options", help="JSON object passed to fsspec (endpoint, credentials, ...)")
+    parser.add_argument("--version", action="version", version=f"ckptio {__version__}")
+    options_help = "JSON object passed to fsspec for remote URIs: endpoint, credentials, ..."
+    parser.add_argument("--storage-options", help=options_help)
+    # accepted after the subcommand too, where users put it (SUPPRESS: absent there, the one above stands)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--storage-options", default=argparse.SUPPRESS, help=options_help)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
-        "inspect", help="print a checkpoint's format, epoch, tensors, bytes, metrics, architecture as JSON"
+        "inspect",
+        parents=[common],
+        help="print a checkpoint's format, epoch, tensors, bytes, metrics, architecture as JSON",
     )
     p.add_argument("uri")
-    p = sub.add_parser("ls", help="list a directory's checkpoints, oldest first")
+    p = sub.add_parser("ls", parents=[common], help="list a directory's checkpoints, oldest first")
     p.add_argument("uri")
-    p = sub.add_parser("convert", help="rewrite a checkpoint as .safetensors or .pt (by DST's extension)")
+    p = sub.add_parser(
+        "convert", parents=[common], help="rewrite a checkpoint as .safetensors or .pt (by DST's extension)"
+    )
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--trusted", action="store_true", help="allow unpickling a whole module from a .pt you trust")
     p = sub.add_parser(
         "export",
+        parents=[common],
         help="copy a checkpoint with all its files (metrics, trainer state, architecture) under a new name or "
         "place: DST is a file name, or a directory ending in /",
     )
@@ -69,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("dst")
     p = sub.add_parser(
         "verify",
+        parents=[common],
         help="check every file of each checkpoint against its digest; exit 1 if any is bad "
         "(UNVERIFIED: valid, but carries no digest to check its contents; GONE: deleted or replaced "
         "while being verified, as retention does on a live run: not an error)",
@@ -77,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
+    except BrokenPipeError:
+        # the reader left (ckptio ls DIR | head -1): what it wanted was printed; no error, no traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (CheckpointError, OSError, ValueError) as e:
         # one line: a terminal user wants the reason, not a traceback
         print(f"ckptio: error: {' '.join(str(e).split())}", file=sys.stderr)

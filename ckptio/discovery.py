@@ -150,6 +150,8 @@ def resolve(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple
     for ext in WEIGHT_EXTENSIONS:  # a base path without extension
         if parent.exists(base + ext):
             return parent, base + ext
+    if kind == "file":
+        raise CheckpointFormatError(f"{uri}: not a checkpoint file (a checkpoint ends in .safetensors or .pt)")
     raise CheckpointNotFoundError(f"{uri}: no such checkpoint file or directory")
 
 

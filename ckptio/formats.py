@@ -365,8 +365,11 @@ def read_header(f: IO[bytes], file_size: int, source: str) -> SafetensorsHeader:
     if len(raw) != 8:
         raise bad("file ended inside the header length")
     (n,) = struct.unpack("<Q", raw)
-    if n > MAX_HEADER_BYTES:
-        raise bad(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if n > MAX_HEADER_BYTES:  # what a text file or any other format gives
+        raise bad(
+            f"not a safetensors file: its first 8 bytes {raw!r} give a header length of {n}, which exceeds "
+            f"the {MAX_HEADER_BYTES}-byte limit"
+        )
     if n > file_size - 8:
         raise bad(f"header length {n} is larger than the file ({file_size} bytes): truncated or not safetensors")
     hbytes = f.read(n)

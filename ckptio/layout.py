@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import torch
 
-from .architecture import architecture_from_json
+from .architecture import architecture_or_record
 from .cache import NodeCache
 from .errors import (
     CheckpointError,
@@ -449,11 +449,14 @@ def architecture_record(storage: Storage, base: str, metadata: Mapping[str, str]
 def resolve_architecture(
     storage: Storage, base: str, metadata: Mapping[str, str], explicit: Any, allow: Iterable[str]
 ) -> Any:
-    """Explicit argument, else the architecture record built through the import allow-list."""
+    """Explicit argument, else the architecture record built through the import allow-list.
+
+    A class that cannot be built here (outside the allow-list) stays a record: reading tensors imports
+    nothing, so the load goes on, and building the module raises why."""
     if explicit is not None:
         return explicit
     found = architecture_record(storage, base, metadata)
-    return None if found is None else architecture_from_json(found[1], allow=allow, source=found[0])
+    return None if found is None else architecture_or_record(found[1], allow=allow, source=found[0])
 
 
 def open_weights(storage: Storage, name: str, local_path: str | None = None) -> IO[bytes]:

@@ -158,3 +158,36 @@ def test_a_copied_or_renamed_checkpoint_loads_anywhere_and_export_makes_a_whole_
     meta = ckptio.formats.read_header(open(weights, "rb"), os.path.getsize(weights), weights).metadata
     with pytest.raises(ckptio.CorruptCheckpointError, match="not a file beside it"):
         ckptio.layout.Sidecars.of("x", {**meta, "ckptio.metrics_file": "../x.metrics.json"}, "src")
+
+
+def test_cli_papercuts_through_the_real_command(tmp_path, policy):
+    """--version; --storage-options after the subcommand; a closed pipe; files that are not checkpoints; empty ls."""
+    run = str(tmp_path / "run")
+    for epoch in range(3):
+        ckptio.CheckpointManager(run).save_agent(policy, epoch)
+    out = _ckptio("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"ckptio {ckptio.__version__}"
+    # the option where users put it: parsed there (a bad value is reported, a good one works)
+    bad = _ckptio("ls", run, "--storage-options", "{not json")
+    assert bad.returncode == 2 and "--storage-options is not valid JSON" in bad.stderr
+    good = _ckptio("ls", run, "--storage-options", "{}")
+    assert good.returncode == 0 and len(good.stdout.splitlines()) == 3
+    # the reader went away (ckptio inspect DIR | head -1): no error message, no traceback, exit 0
+    proc = subprocess.Popen([sys.executable, "-m", "ckptio", "inspect", run], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0 and err == "", err
+    # a text file named .safetensors, an existing file that is no checkpoint, an empty directory
+    text = tmp_path / "notes.safetensors"
+    text.write_text("these are my notes, not tensors\n" * 10)
+    other = tmp_path / "config.yaml"
+    other.write_text("lr: 0.1\n")
+    (tmp_path / "empty").mkdir()
+    for args, needle in (
+        (["inspect", str(text)], "not a safetensors file"),
+        (["inspect", str(other)], "not a checkpoint file (a checkpoint ends in .safetensors or .pt)"),
+        (["ls", str(tmp_path / "empty")], "no checkpoints in this directory"),
+    ):
+        out = _ckptio(*args)
+        assert out.returncode == 2 and needle in out.stderr and len(out.stderr.splitlines()) == 1, (args, out.stderr)

@@ -162,7 +162,7 @@ def test_convert_and_inspect_never_import_the_users_architecture(tmp_path, polic
         assert info["architecture"] == record and info["epoch"] == 4
     assert imported == []
     with pytest.raises(ckptio.CheckpointSecurityError, match="allow-list"):  # building it still asks
-        ckptio.load_from_uri(str(tmp_path / "c.safetensors"))
+        ckptio.load_from_uri(str(tmp_path / "c.safetensors")).instantiate({"obs_dim": 6, "num_actions": 3})
 
 
 def _legacy_run(d):
