@@ -11,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import sys
 import threading
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .errors import ArchitectureError, CheckpointError, CheckpointSecurityError
+from .errors import ArchitectureError, CheckpointError, CheckpointSecurityError, CheckpointWarning
 
 __all__ = [
     "ArchitectureRecord",
@@ -46,12 +48,29 @@ _allowed_prefixes: set[str] = {"ckptio"}
 _registered: dict[str, type] = {}
 
 
+_warned_main: set[str] = set()
+
+
 def class_path_of(obj_or_cls: Any) -> str:
-    """Dotted import path of an architecture's class."""
+    """Dotted import path of an architecture's class: the one another process can import."""
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
     if "<locals>" in cls.__qualname__:
         raise ArchitectureError(f"{cls.__qualname__} is defined inside a function; it cannot be imported by path")
-    return f"{cls.__module__}.{cls.__qualname__}"
+    module = cls.__module__
+    if module == "__main__":
+        # a script run with -m has its importable name in its spec; one run by path has none
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is not None and spec.name and spec.name != "__main__":
+            module = spec.name
+        elif cls.__qualname__ not in _warned_main:
+            _warned_main.add(cls.__qualname__)
+            warnings.warn(
+                f"architecture {cls.__qualname__} is defined in the script being run (__main__): no other process "
+                "can import it to rebuild the policy. Move it into a module (or run the script with python -m)",
+                CheckpointWarning,
+                stacklevel=3,
+            )
+    return f"{module}.{cls.__qualname__}"
 
 
 def register_architecture(cls: type) -> type:

@@ -234,3 +234,60 @@ def test_allow_lets_a_launch_script_build_a_users_architecture(tmp_path):
     allowed = subprocess.run([*evaluate, "--allow", "archs"], env=env, capture_output=True, text=True, timeout=120)
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     assert json.loads(allowed.stdout.strip().splitlines()[-1])["policy"] == "MLP"
+
+
+SCRIPT = """
+import sys
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+import ckptio
+
+
+@dataclass
+class TinyArch:
+    hidden: int = 2
+
+    def make_policy(self, env):
+        return torch.nn.Linear(2, self.hidden)
+
+
+if __name__ == "__main__":
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mgr = ckptio.CheckpointManager(sys.argv[1])
+        for epoch in (1, 2):
+            mgr.save_agent(TinyArch().make_policy(None), epoch, policy_architecture=TinyArch())
+    print("WARNINGS", sum("defined in the script being run" in str(w.message) for w in caught))
+"""
+
+
+def test_an_architecture_defined_in_the_running_script_is_recorded_importably_or_warned_about(tmp_path):
+    """python -m pkg.script records pkg.script.TinyArch (another process builds it); a script run by path
+    cannot be imported elsewhere: one warning at save time says how to fix it (#19)."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    (tmp_path / "pkgx").mkdir()
+    (tmp_path / "pkgx" / "__init__.py").write_text("")
+    (tmp_path / "pkgx" / "script.py").write_text(SCRIPT)
+    env = subprocess_env(PYTHONPATH=str(tmp_path))
+    runs = {}
+    for how, cmd in (("module", ["-m", "pkgx.script"]), ("path", [str(tmp_path / "pkgx" / "script.py")])):
+        run = str(tmp_path / how)
+        out = subprocess.run([sys.executable, *cmd, run], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        runs[how] = (run, out.stdout)
+    assert "WARNINGS 0" in runs["module"][1] and "WARNINGS 1" in runs["path"][1]  # once, though saved twice
+    sys.path.insert(0, str(tmp_path))
+    try:
+        art = ckptio.load_from_uri(runs["module"][0], allow=["pkgx"])
+        assert art.policy_architecture.__class__.__module__ == "pkgx.script"
+        assert art.instantiate(None).weight.shape == (2, 2)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert ckptio.load_from_uri(runs["path"][0]).policy_architecture.class_path == "__main__.TinyArch"
