@@ -246,6 +246,14 @@ class Checkpointer:
                 ) from e
             log.warning("resuming %s without its trainer state: %s", info.uri, e)
             raw = None
+        if raw is None and metadata.get("ckptio.pt_key"):
+            # a .pt training checkpoint from before ckptio: its optimizer (keyed by parameter index, as
+            # torch's optimizer.state_dict() keys it) and the rest reach the trainer state as they are
+            with typed_io(info.uri, "reading the training checkpoint's optimizer"):
+                self.trainer_state = self.manager.read_pt_training_state(info, self.cache)
+            log.info(
+                "%s: trainer state from the .pt training checkpoint: %s", info.uri, sorted(self.trainer_state or {})
+            )
         if raw is not None:
             tree = unflatten(*raw, source=info.storage.url(info.base))
             self.trainer_state = tree.get("user")
@@ -333,6 +341,15 @@ class Checkpointer:
         self._load_optimizer(model, optimizer, self.resumed_from.uri)
 
     def _load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, source: str) -> None:
+        if (
+            self._saved_optimizer is None
+            and isinstance(self.trainer_state, Mapping)
+            and "optimizer" in self.trainer_state
+        ):
+            raise CheckpointError(
+                f"{source}: a .pt training checkpoint, whose optimizer state is keyed by parameter index: restore it "
+                "with optimizer.load_state_dict(ckpt.trainer_state['optimizer'])"
+            )
         if self._saved_optimizer is None:
             raise CheckpointError(f"{source}: holds no optimizer state (it was saved without save(..., optimizer=))")
         sharded.load_optimizer_state(model, optimizer, self._saved_optimizer, source)

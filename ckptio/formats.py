@@ -51,6 +51,8 @@ __all__ = [
     "crc32_hex",
     "file_size",
     "load_pt",
+    "load_pt_object",
+    "pt_weights_key",
     "read_header",
     "read_safetensors",
     "save_pt",
@@ -620,6 +622,38 @@ def load_pt(
     f: IO[bytes], source: str, *, trusted: bool = False, mmap_file: bool = True
 ) -> tuple[dict[str, torch.Tensor] | torch.nn.Module, dict[str, str]]:
     """A legacy .pt: a state dict (plain or under ``state_dict``) or, only if trusted, a pickled module."""
+    obj = load_pt_object(f, source, trusted=trusted, mmap_file=mmap_file)
+    if isinstance(obj, torch.nn.Module):
+        return obj, {}
+    metadata: dict[str, str] = {}
+    if isinstance(obj, Mapping) and not _all_tensors(obj):
+        # a training checkpoint: weights under one of the usual keys, beside optimizer state, epoch...
+        key = pt_weights_key(obj)
+        if key is not None:
+            raw_meta = obj.get("ckptio_metadata") or {}
+            metadata = {str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, Mapping) else {}
+            if type(obj.get("epoch")) is int and obj["epoch"] >= 0:
+                metadata.setdefault("ckptio.epoch", str(obj["epoch"]))
+            if key != "state_dict" or "ckptio_metadata" not in obj:
+                metadata["ckptio.pt_key"] = key
+                log.info("%s: weights from the %r entry of a training checkpoint", source, key)
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not _all_tensors(obj):
+        raise CheckpointFormatError(
+            f"{source}: expected a state dict (names to tensors), a training checkpoint with one under "
+            f"{'/'.join(PT_WEIGHT_KEYS)}, or a module; got {type(obj).__name__}"
+            + (f" with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, Mapping) else "")
+        )
+    return {str(k): v for k, v in obj.items()}, metadata
+
+
+def pt_weights_key(obj: Mapping[Any, Any]) -> str | None:
+    """The entry of a .pt training checkpoint that holds its weights (``model``, ``state_dict``...)."""
+    return next((k for k in PT_WEIGHT_KEYS if isinstance(obj.get(k), Mapping) and _all_tensors(obj[k])), None)
+
+
+def load_pt_object(f: IO[bytes], source: str, *, trusted: bool = False, mmap_file: bool = True) -> Any:
+    """What a .pt file holds, unpickled with ``weights_only`` unless trusted; typed errors for the rest."""
     kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not trusted}
     path = getattr(f, "name", None)
     target: Any = f
@@ -641,29 +675,8 @@ def load_pt(
     except Exception as e:  # torch.load fails on garbage with anything: KeyError, IndexError, EOFError...
         if mmap_file and kwargs.get("mmap") and "mmap can only be used" in str(e):  # old non-zip .pt files
             f.seek(0)
-            return load_pt(f, source, trusted=trusted, mmap_file=False)
+            return load_pt_object(f, source, trusted=trusted, mmap_file=False)
         raise CorruptCheckpointError(
             f"{source}: not a readable torch.save file: {type(e).__name__}: {_printable(str(e))[:200]}"
         ) from None
-    if isinstance(obj, torch.nn.Module):
-        return obj, {}
-    metadata: dict[str, str] = {}
-    if isinstance(obj, Mapping) and not _all_tensors(obj):
-        # a training checkpoint: weights under one of the usual keys, beside optimizer state, epoch...
-        key = next((k for k in PT_WEIGHT_KEYS if isinstance(obj.get(k), Mapping) and _all_tensors(obj[k])), None)
-        if key is not None:
-            raw_meta = obj.get("ckptio_metadata") or {}
-            metadata = {str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, Mapping) else {}
-            if type(obj.get("epoch")) is int and obj["epoch"] >= 0:
-                metadata.setdefault("ckptio.epoch", str(obj["epoch"]))
-            if key != "state_dict" or "ckptio_metadata" not in obj:
-                metadata["ckptio.pt_key"] = key
-                log.info("%s: weights from the %r entry of a training checkpoint", source, key)
-            obj = obj[key]
-    if not isinstance(obj, Mapping) or not _all_tensors(obj):
-        raise CheckpointFormatError(
-            f"{source}: expected a state dict (names to tensors), a training checkpoint with one under "
-            f"{'/'.join(PT_WEIGHT_KEYS)}, or a module; got {type(obj).__name__}"
-            + (f" with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, Mapping) else "")
-        )
-    return {str(k): v for k, v in obj.items()}, metadata
+    return obj

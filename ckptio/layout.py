@@ -40,6 +40,8 @@ from .formats import (
     crc32_hex,
     file_size,
     load_pt,
+    load_pt_object,
+    pt_weights_key,
     read_header,
     read_safetensors,
     save_pt,
@@ -63,6 +65,7 @@ __all__ = [
     "named_parameters",
     "parse_checkpoint_name",
     "read_metrics",
+    "read_pt_training_state",
     "read_trainer_state",
     "state_dict_of",
     "write_checkpoint",
@@ -432,6 +435,22 @@ def read_trainer_state(
             f"{storage.url(name)}: trainer state is not from the save of {storage.url(weights)}"
         )
     return dict(tensors), meta
+
+
+def read_pt_training_state(storage: Storage, weights: str, cache: NodeCache | None = None) -> dict[str, Any] | None:
+    """What a .pt training checkpoint holds beside its weights (optimizer, epoch, scheduler...); None otherwise.
+
+    Unpickled with ``weights_only``, as the weights were: tensors and plain containers only.
+    """
+    if not weights.endswith(".pt"):
+        return None
+    local = fetch_local(storage, weights, cache)
+    with open_weights(storage, weights, local) as f:
+        obj = load_pt_object(f, storage.url(weights), mmap_file=False)
+    key = pt_weights_key(obj) if isinstance(obj, Mapping) else None
+    if key is None:
+        return None
+    return {str(k): v for k, v in obj.items() if k not in (key, "ckptio_metadata")}
 
 
 def architecture_record(storage: Storage, base: str, metadata: Mapping[str, str]) -> tuple[str, Any] | None:

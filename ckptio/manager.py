@@ -41,6 +41,7 @@ from .layout import (
     fetch_local,
     load_checkpoint,
     read_metadata,
+    read_pt_training_state,
     read_trainer_state,
     remove_replaced,
     sanitize_run_name,
@@ -231,6 +232,10 @@ class CheckpointManager:
         if metadata is None:
             metadata = read_metadata(info.storage, info.name, local_path=fetch_local(info.storage, info.name, cache))
         return read_trainer_state(info.storage, info.name, metadata, cache=cache)
+
+    def read_pt_training_state(self, info: CheckpointInfo, cache: NodeCache | None = None) -> dict[str, Any] | None:
+        """A .pt training checkpoint's entries beside its weights (its optimizer, epoch...); None for other files."""
+        return read_pt_training_state(info.storage, info.name, cache)
 
     def load_trainer_state(self, info: CheckpointInfo | None = None, cache: NodeCache | None = None) -> Any:
         """The trainer state saved with a checkpoint (default: the latest), as the nested structure it was saved

@@ -291,3 +291,30 @@ def test_an_architecture_defined_in_the_running_script_is_recorded_importably_or
     finally:
         sys.path.remove(str(tmp_path))
     assert ckptio.load_from_uri(runs["path"][0]).policy_architecture.class_path == "__main__.TinyArch"
+
+
+def test_resuming_a_pt_training_checkpoint_keeps_its_optimizer(tmp_path, policy, env_meta):
+    """{"model", "optimizer", "epoch"}: the weights, the epoch and the optimizer all come back (#19)."""
+    from archs import MLPArch
+
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    policy(torch.randn(4, env_meta["obs_dim"])).sum().backward()
+    opt.step()
+    run = tmp_path / "agent"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save(
+        {"model": policy.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "scheduler": {"last_epoch": 3}},
+        run / "checkpoints" / "agent:v3.pt",
+    )
+    ck = ckptio.Checkpointer(str(run), MLPArch())
+    model = ck.load_or_create_policy(env_meta)
+    assert ck.start_epoch == 4 and torch.equal(model.head.weight, policy.head.weight)
+    assert set(ck.trainer_state) == {"optimizer", "epoch", "scheduler"}
+    fresh = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(ck.trainer_state["optimizer"])  # as the README's loop restores a user's optimizer
+    for i, state in opt.state_dict()["state"].items():
+        for k, v in state.items():
+            assert torch.equal(fresh.state_dict()["state"][i][k], v), (i, k)
+    # the FQN-keyed restore cannot map parameter indices by itself: it says what to do instead of guessing
+    with pytest.raises(ckptio.CheckpointError, match=r"optimizer.load_state_dict\(ckpt.trainer_state\['optimizer'\]\)"):
+        ck.load_optimizer(model, fresh)
