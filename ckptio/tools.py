@@ -28,20 +28,28 @@ from .errors import (
 )
 from .formats import WRITER_KEYS, check_digest, write_safetensors
 from .layout import (
+    CHECKPOINTS_DIR,
     MANIFEST_NAME,
     WEIGHT_EXTENSIONS,
     Sidecars,
     architecture_record,
+    checkpoint_base,
     epoch_of,
+    files_of,
     open_weights,
     read_metadata,
     read_metrics,
+    read_pt_training_state,
     read_trainer_state,
     read_weights,
+    sanitize_run_name,
     state_dict_of,
     write_checkpoint,
+    write_manifest,
 )
-from .storage import Storage
+from .storage import Storage, is_temporary
+from .trainer_state import flatten
+from .version import __version__
 
 __all__ = ["VerifyResult", "convert", "export", "inspect_checkpoint", "verify", "verify_checkpoint"]
 
@@ -101,43 +109,93 @@ def export(src: str, dst: str, *, storage_options: Mapping[str, Any] | None = No
     return uri
 
 
-def convert(src: str, dst: str, *, trusted: bool = False, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Rewrite a checkpoint in the format named by ``dst``'s extension (.safetensors or .pt).
-
-    Copies the weights, metrics, epoch and the architecture record as they are: the architecture's
-    class is never imported.
-    """
-    if not dst.endswith(WEIGHT_EXTENSIONS):
-        raise CheckpointFormatError(f"{dst}: destination must end in .safetensors or .pt")
-    with typed_io(src, "reading"):
-        storage, name = locate(src, storage_options)
-        obj, metadata = read_weights(storage, name, trusted=trusted)
-        metrics = read_metrics(storage, name, metadata) if not isinstance(obj, torch.nn.Module) else None
-        record = architecture_record(storage, name.rsplit(".", 1)[0], metadata)
+def _converted(storage: Storage, name: str, trusted: bool) -> dict[str, Any]:
+    """What a converted copy keeps of one checkpoint: weights, metrics, epoch, trainer state, architecture."""
+    obj, metadata = read_weights(storage, name, trusted=trusted)
+    module = isinstance(obj, torch.nn.Module)
+    epoch = epoch_of(name, metadata)
+    trainer = None if module else read_trainer_state(storage, name, metadata, verify=True)
+    if trainer is None and not module and metadata.get("ckptio.pt_key"):
+        extras = read_pt_training_state(storage, name)  # a .pt training checkpoint's optimizer, scheduler...
+        if extras:
+            trainer = flatten({"user": extras, "epoch": epoch})  # what resuming the .pt itself would give
+    record = architecture_record(storage, name.rsplit(".", 1)[0], metadata)
     arch_json = None
     if record is not None:
         try:
             arch_json = json.loads(record[1])
         except ValueError as e:
             raise CheckpointFormatError(f"{record[0]}: architecture record is not valid JSON: {e}") from None
-    state = state_dict_of(obj)
+    return {
+        "state": state_dict_of(obj),
+        "metrics": read_metrics(storage, name, metadata) if not module else None,
+        "epoch": epoch,
+        "trainer": trainer,
+        "arch_json": arch_json,
+    }
+
+
+def convert(src: str, dst: str, *, trusted: bool = False, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Rewrite a checkpoint in the format named by ``dst``'s extension (.safetensors or .pt), or a run into ``dst/``.
+
+    Copies the weights, metrics, epoch, trainer state (a .pt training checkpoint's optimizer too) and
+    the architecture record as they are: the architecture's class is never imported. A ``dst``
+    ending in ``/`` is a run directory: every checkpoint of ``src`` (a directory) is written there
+    under ckptio's names, as safetensors, so ``ls``, ``verify`` and a ``Checkpointer`` find them.
+    """
+    if dst.endswith("/"):
+        return _convert_run(src, dst, trusted, storage_options)
+    if not dst.endswith(WEIGHT_EXTENSIONS):
+        raise CheckpointFormatError(f"{dst}: destination must end in .safetensors or .pt, or be a directory (DIR/)")
+    with typed_io(src, "reading"):
+        storage, name = locate(src, storage_options)
+        c = _converted(storage, name, trusted)
     directory, out_name = posixpath.split(dst)
     out = Storage(directory or ".", dict(storage_options or {}))
     base, fmt = out_name.rsplit(".", 1)
     try:
         return write_checkpoint(
-            out,
-            base,
-            state,
-            architecture_json=arch_json,
-            epoch=epoch_of(name, metadata),
-            training_metrics=metrics,
-            checkpoint_format=fmt,
-        ).uri
+            out, base, c["state"], architecture_json=c["arch_json"], epoch=c["epoch"],
+            training_metrics=c["metrics"], trainer_state=c["trainer"], checkpoint_format=fmt,
+        ).uri  # fmt: skip
     except (CheckpointFormatError, InvalidArgumentError):
         raise
     except Exception as e:
         raise save_failed(out.url(out_name), "converting " + src, e) from e
+
+
+def _convert_run(src: str, dst: str, trusted: bool, storage_options: Mapping[str, Any] | None) -> str:
+    """Every checkpoint of directory ``src`` into run directory ``dst``, named as ckptio names them."""
+    with typed_io(src, "listing"):
+        storage, name = resolve(src, storage_options)
+        if name is not None:
+            raise CheckpointFormatError(f"{src}: converting into a directory takes a directory of checkpoints")
+        infos = scan(storage)
+    if not infos:
+        raise CheckpointNotFoundError(f"{src}: no checkpoints in this directory")
+    root = dst.rstrip("/")
+    run = sanitize_run_name(posixpath.basename(root))  # the name a Checkpointer of dst resumes
+    out = Storage(Storage(root, dict(storage_options or {})).url(CHECKPOINTS_DIR), dict(storage_options or {}))
+    manifest_written = False
+    for info in infos:
+        with typed_io(info.uri, "reading"):
+            c = _converted(storage, info.name, trusted)
+        if c["epoch"] is None:
+            raise CheckpointFormatError(f"{info.uri}: no epoch in its name or header to name the converted copy")
+        target = out.url(checkpoint_base(run, c["epoch"]) + ".safetensors")
+        try:
+            write_checkpoint(
+                out, checkpoint_base(run, c["epoch"]), c["state"], architecture_json=c["arch_json"],
+                epoch=c["epoch"], training_metrics=c["metrics"], trainer_state=c["trainer"],
+            )  # fmt: skip
+            if not manifest_written and c["arch_json"] is not None:
+                write_manifest(out, c["arch_json"], __version__)  # write-once: one already there stays
+                manifest_written = True
+        except (CheckpointFormatError, InvalidArgumentError):
+            raise
+        except Exception as e:
+            raise save_failed(target, "converting " + info.uri, e) from e
+    return out.url()
 
 
 def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -260,9 +318,30 @@ def verify_checkpoint(storage: Storage, name: str) -> list[VerifyResult]:
 
 
 def verify(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[VerifyResult]:
-    """Fully verify a checkpoint file, or every checkpoint in a directory: one result per file."""
+    """Fully verify a checkpoint file, or every checkpoint in a directory: one result per file.
+
+    In a directory, weights files under names ckptio does not know (a copy, ``best.safetensors``) are
+    verified too, and any other file that belongs to no checkpoint is reported, never skipped.
+    """
     storage, name = resolve(uri, storage_options)
-    names = [name] if name is not None else [i.name for i in scan(storage)]
+    if name is not None:
+        return verify_checkpoint(storage, name)
+    listing = storage.listdir()
+    names = [i.name for i in scan(storage, listing)]
+    known = set(names)
+    names += [n for n in listing if n.endswith(WEIGHT_EXTENSIONS) and n not in known and not _hidden(n)]
     if not names:
         raise CheckpointNotFoundError(f"{uri}: no checkpoints in this directory")
-    return [r for n in names for r in verify_checkpoint(storage, n)]
+    results = [r for n in names for r in verify_checkpoint(storage, n)]
+    covered = {posixpath.basename(r.uri) for r in results} | {MANIFEST_NAME}
+    covered |= {other for n in names for other in files_of(n.rsplit(".", 1)[0], listing)}  # replaced saves' files
+    for other in sorted(set(listing) - covered):
+        if not _hidden(other) and "/" not in other and storage.kind(other) != "directory":
+            results.append(
+                VerifyResult(storage.url(other), "unverified", "not a file of any checkpoint here; not checked")
+            )
+    return results
+
+
+def _hidden(name: str) -> bool:
+    return is_temporary(name) or posixpath.basename(name).startswith(".")

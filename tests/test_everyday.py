@@ -318,3 +318,49 @@ def test_resuming_a_pt_training_checkpoint_keeps_its_optimizer(tmp_path, policy,
     # the FQN-keyed restore cannot map parameter indices by itself: it says what to do instead of guessing
     with pytest.raises(ckptio.CheckpointError, match=r"optimizer.load_state_dict\(ckpt.trainer_state\['optimizer'\]\)"):
         ck.load_optimizer(model, fresh)
+
+
+def test_convert_migrates_a_run_keeping_optimizers_and_verify_reports_every_file(tmp_path, policy, env_meta, capsys):
+    """convert OLD NEW/ renames a legacy run to ckptio's names with epochs and optimizers; verify misses no file (#19)."""
+    from archs import MLPArch
+
+    from ckptio.cli import main
+
+    old = tmp_path / "old"
+    old.mkdir()
+    _legacy_run(old)
+    opt = torch.optim.Adam(policy.parameters())
+    policy(torch.randn(2, env_meta["obs_dim"])).sum().backward()
+    opt.step()
+    torch.save({"model": policy.state_dict(), "optimizer": opt.state_dict(), "epoch": 9}, old / "agent:v9.pt")
+    # one file: the optimizer and epoch go with it
+    assert main(["convert", str(old / "agent:v9.pt"), str(tmp_path / "one.safetensors")]) == 0
+    from ckptio.layout import read_trainer_state
+    from ckptio.storage import Storage
+    from ckptio.trainer_state import unflatten
+
+    meta = ckptio.inspect_checkpoint(str(tmp_path / "one.safetensors"))
+    assert meta["epoch"] == 9 and len(meta["files"]) == 2  # weights and trainer state
+    one = Storage(str(tmp_path))
+    header = ckptio.layout.read_metadata(one, "one.safetensors")
+    tree = unflatten(*read_trainer_state(one, "one.safetensors", header))
+    assert tree["epoch"] == 9 and torch.equal(
+        tree["user"]["optimizer"]["state"][0]["exp_avg"], opt.state[policy.embed.weight]["exp_avg"]
+    )
+    # a whole run, into a run directory: ckptio names, every epoch, verified, resumable
+    capsys.readouterr()
+    assert main(["convert", str(old), str(tmp_path / "new") + "/"]) == 0
+    assert [i.epoch for i in ckptio.list_checkpoints(str(tmp_path / "new"))] == [2, 3, 4, 5, 6, 9]
+    assert all(i.name.startswith("new.e0000000") for i in ckptio.list_checkpoints(str(tmp_path / "new")))
+    assert all(r.ok for r in ckptio.verify(str(tmp_path / "new")))
+    ck = ckptio.Checkpointer(str(tmp_path / "new"), MLPArch())
+    ck.load_or_create_policy(env_meta)
+    assert ck.start_epoch == 10 and "optimizer" in ck.trainer_state
+    # verify DIR: a copy under another name is verified, a file of no checkpoint is reported, not skipped
+    ckpts = tmp_path / "new" / "checkpoints"
+    (ckpts / "best.safetensors").write_bytes((ckpts / "new.e00000004.safetensors").read_bytes())
+    (ckpts / "notes.txt").write_text("hi")
+    results = {os.path.basename(r.uri): r for r in ckptio.verify(str(tmp_path / "new"))}
+    assert results["best.safetensors"].status == "ok"
+    assert results["notes.txt"].status == "unverified" and "not a file of any checkpoint" in results["notes.txt"].detail
+    assert "model_architecture.json" not in results
