@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import posixpath
+import socket
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +34,10 @@ _NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs
 
 
 _network_by_device: dict[int, bool] = {}
+_reachable: set[tuple[str, int]] = set()  # object-store endpoints that accepted a connection
+# gcsfs logs a traceback at every retry of a failed request; ckptio raises one typed error naming the
+# cause, so without a logging configuration of the user's own those tracebacks are noise on stderr
+logging.getLogger("gcsfs").addHandler(logging.NullHandler())
 
 
 def is_network_filesystem(path: str, mounts_file: str = "/proc/mounts") -> bool:
@@ -224,6 +231,7 @@ class Storage:
     def _remote(self, what: str, name: str | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call an fsspec method on an object store: bounded in time, failures typed and naming the URI."""
         timeout = kwargs.pop("timeout", self.timeout)
+        self._check_reachable(what, name)
         try:
             return fn(*args, **self._timeout_kwargs(timeout), **kwargs)
         except FileNotFoundError as e:
@@ -235,6 +243,21 @@ class Storage:
 
             cause = f"no answer within {timeout}s" if isinstance(e, FSTimeoutError) else f"{type(e).__name__}: {e}"
             raise StorageError(f"{self.url(name)}: {what} failed: {cause}") from e
+
+    def _check_reachable(self, what: str, name: str | None) -> None:
+        """An endpoint that refuses connections fails at once: gcsfs retries a refused connect for about 45 s."""
+        location = getattr(self._fs, "_location", None) if "gs" in getattr(self._fs, "protocol", ()) else None
+        if not isinstance(location, str):
+            return  # s3fs and the others give up on a refused connection by themselves
+        parts = urllib.parse.urlsplit(location)
+        address = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        if address in _reachable:
+            return
+        try:
+            socket.create_connection(address, timeout=min(5.0, self.timeout)).close()
+        except OSError as e:
+            raise StorageError(f"{self.url(name)}: {what} failed: cannot connect to {location}: {e}") from e
+        _reachable.add(address)
 
     def kind(self, name: str | None = None) -> str | None:
         """'file', 'directory', or None when nothing is there (an unreachable store raises StorageError)."""

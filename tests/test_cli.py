@@ -191,3 +191,18 @@ def test_cli_papercuts_through_the_real_command(tmp_path, policy):
     ):
         out = _ckptio(*args)
         assert out.returncode == 2 and needle in out.stderr and len(out.stderr.splitlines()) == 1, (args, out.stderr)
+
+
+def test_gs_without_a_server_is_one_line_at_once_through_the_real_command():
+    """gcsfs retried a refused connection for 38-60 s, printing a traceback per retry (#19)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    opts = json.dumps({"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon", "project": "test"})
+    out = _ckptio("ls", "gs://bucket/run", "--storage-options", opts)
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        f"ckptio: error: gs://bucket/run: stat failed: cannot connect to http://127.0.0.1:{port}: "
+        "[Errno 111] Connection refused"
+    ], out.stderr
