@@ -21,7 +21,7 @@ import torch
 
 import ckptio
 from benchmarks.policy import BenchPolicy, state_dict_bytes
-from benchmarks.report import write_reports
+from benchmarks.report import advice, write_reports
 
 LOAD_METHODS = [
     "torch_load",
@@ -113,7 +113,8 @@ def measure(spec: dict, timeout: float = 900) -> dict:
 
 
 def many_ranks(files: dict[str, str], method: str, ranks: int = 2) -> dict:
-    """Processes loading the same file at once; MemAvailable drop while all hold their tensors."""
+    """Processes loading the same file at once: the memory they hold that cannot be reclaimed (their own
+    anonymous memory, summed; other processes on the machine do not count), and the MemAvailable drop."""
 
     def available() -> int:
         with open("/proc/meminfo") as f:
@@ -135,7 +136,11 @@ def many_ranks(files: dict[str, str], method: str, ranks: int = 2) -> dict:
         for p in procs:
             p.stdin.close()
             p.wait(timeout=120)
-    return {"mem_available_drop": before - during, "peak_rss": [r["peak_rss"] for r in reports]}
+    return {
+        "own_anon_growth": sum(r["anon_growth"] for r in reports),
+        "mem_available_drop": before - during,
+        "peak_rss": [r["peak_rss"] for r in reports],
+    }
 
 
 def sharded_rows(size: int, data_dir: str, ranks: int, repeats: int) -> dict:
@@ -326,11 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in ("torch_load", "ckptio") if wanted("ranks.") else ():
             reps = [many_ranks(files, m, args.ranks) for _ in range(1 if args.quick else args.repeats)]
             rows[f"ranks.{m}"] = {
+                "own_anon_growth": statistics.median(r["own_anon_growth"] for r in reps),
                 "mem_available_drop": statistics.median(r["mem_available_drop"] for r in reps),
                 "peak_rss": reps[-1]["peak_rss"],
                 "samples": reps,
             }
-            print(f"  ranks.{m:34s} {rows[f'ranks.{m}']['mem_available_drop'] / 2**20:10.1f} MiB used", flush=True)
+            print(f"  ranks.{m:34s} {rows[f'ranks.{m}']['own_anon_growth'] / 2**20:10.1f} MiB held", flush=True)
         if wanted("sharded."):
             rows.update(sharded_rows(size, data_dir, args.ranks, 1 if args.quick else args.repeats))
         results["sizes"][str(nbytes)] = {
@@ -344,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     write_reports(results, args.out)
+    for line in advice(results):
+        print(line)
     print(f"wrote {args.out}/results.json, results.md and plots")
     return 0
 

@@ -76,8 +76,9 @@ def target_results(rows: dict) -> list[dict[str, Any]]:
         out.append({"target": name, "ratio": ratio, "bound": f"{op} {bound}", "unit": unit,
                     "met": ratio >= bound if op == ">=" else ratio <= bound})  # fmt: skip
     t, c = rows.get("ranks.torch_load"), rows.get("ranks.ckptio")
-    if t and c and t["mem_available_drop"] > 0:
-        ratio = c["mem_available_drop"] / t["mem_available_drop"]
+    field = "own_anon_growth" if t and "own_anon_growth" in t else "mem_available_drop"  # older results: MemAvailable
+    if t and c and t[field] > 0:
+        ratio = c[field] / t[field]
         out.append({"target": "2 ranks: RAM used vs torch.load", "ratio": ratio, "bound": "<= 0.25",
                     "unit": "x torch.load's", "met": ratio <= 0.25})  # fmt: skip
     facts, save, load = rows.get("sharded.facts"), rows.get("sharded.save.ckptio"), rows.get("sharded.load.ckptio")
@@ -121,6 +122,7 @@ def markdown(results: dict) -> str:
             "| measurement | median ms | spread ms | x pickle | pickle row | peak RSS growth MiB |",
             "|---|---:|---:|---:|---|---:|",
         ]
+        noisy = noisy_rows(rows)
         for key, row in rows.items():
             if "median_s" not in row:
                 continue
@@ -128,17 +130,26 @@ def markdown(results: dict) -> str:
             base = _median(rows, base_key) if base_key else None
             ratio = f"{row['median_s'] / base:.4g}" if base else "-"
             lines.append(
-                f"| {key} | {row['median_s'] * 1e3:.2f} | {row['min_s'] * 1e3:.2f}-{row['max_s'] * 1e3:.2f} | {ratio} | "
+                f"| {key}{' (noisy)' if key in noisy else ''} | {row['median_s'] * 1e3:.2f} | {row['min_s'] * 1e3:.2f}-{row['max_s'] * 1e3:.2f} | {ratio} | "
                 f"{base_key if base else '-'} | {row['peak_rss_delta'] / 2**20:.1f} |"
             )
         for key in ("ranks.torch_load", "ranks.ckptio"):
             if key in rows:
                 r = rows[key]
+                held = r.get("own_anon_growth", r["mem_available_drop"])
                 lines.append(
-                    f"| {key}: MemAvailable drop, both ranks holding | - | - | - | - | {r['mem_available_drop'] / 2**20:.1f} "
-                    f"(per-rank peak RSS {', '.join(f'{x / 2**20:.0f}' for x in r['peak_rss'])}) |"
+                    f"| {key}: RAM the ranks hold (their own anonymous memory) | - | - | - | - | {held / 2**20:.1f} "
+                    f"(MemAvailable drop {r['mem_available_drop'] / 2**20:.1f}; per-rank peak RSS "
+                    f"{', '.join(f'{x / 2**20:.0f}' for x in r['peak_rss'])}) |"
                 )
         lines.append("")
+        if noisy:
+            lines += [
+                f"Too noisy to trust: the repeats of {', '.join(sorted(noisy))} spread over more than "
+                f"{NOISY_SPREAD:.0%} of their median (the machine was busy). Rerun them alone: "
+                f"`python -m benchmarks --only {','.join(sorted(noisy))} --repeats 5`.",
+                "",
+            ]
         if abs(int(nbytes) - 2**30) > 2**30 // 10:
             lines += ["The targets are set at 1 GiB: at this size they are shown for reference only.", ""]
         lines += ["| target | ratio | bound | met |", "|---|---:|---|---|"]
@@ -164,6 +175,65 @@ def markdown(results: dict) -> str:
         lines += [f"| {name} | {a / b:.3g} {unit} |" for name, a, b, unit in context if a and b]
         lines.append("")
     return "\n".join(lines)
+
+
+NOISY_SPREAD = 0.5  # (max - min) / median of a row's repeats above this: the machine, not the method, decided
+
+
+def noisy_rows(rows: dict) -> set[str]:
+    """Rows whose repeats disagree too much to trust their median (3 or more repeats)."""
+    return {
+        key
+        for key, r in rows.items()
+        if "median_s" in r
+        and len(r.get("samples", [])) >= 3
+        and r["median_s"] > 0
+        and (r["max_s"] - r["min_s"]) / r["median_s"] > NOISY_SPREAD
+    }
+
+
+def advice(results: dict) -> list[str]:
+    """What to pick on this storage and why, in plain words, from the largest size measured."""
+    env = results["environment"]
+    nbytes, entry = max(results["sizes"].items(), key=lambda kv: int(kv[0]))
+    rows = entry["rows"]
+    where = env.get("storage") or {}
+    lines = [f"What to use here ({where.get('filesystem', 'this disk')}, {int(nbytes) / 2**20:.0f} MiB checkpoint):"]
+
+    def ratio(a: str, b: str) -> float | None:
+        x, y = _median(rows, a), _median(rows, b)
+        return x / y if x and y else None
+
+    full, opened = ratio("load.full.torch_load", "load.full.ckptio"), ratio("load.open.torch_load", "load.open.ckptio")
+    if full and opened:
+        reads = where.get("reads", "mmap")
+        how = "memory-mapped" if reads == "mmap" else "read eagerly (mapping is slow on this filesystem)"
+        verdict = "pick ckptio's safetensors loads" if full >= 1 else "loads are no faster than torch.load here"
+        lines.append(
+            f"- loading: {verdict}, {how}: ready {opened:.0f}x sooner and fully read {full:.1f}x faster than "
+            "torch.load, with no pickle"
+        )
+    save = ratio("save.ckptio", "save.raw_write")
+    if save:
+        lines.append(
+            f"- saving: a durable ckptio save costs {save:.2f}x a raw write + fsync of the same bytes"
+            + ("; the disk, not ckptio, sets the time" if save <= 1.2 else "; above the 1.2x target here")
+        )
+    stall = ratio("stall.ckptio", "save.ckptio")
+    if stall:
+        lines.append(
+            f"- async_save=True stalls training for {stall:.0%} of a synchronous save: use it when saves are frequent"
+        )
+    ranks = rows.get("ranks.ckptio"), rows.get("ranks.torch_load")
+    if all(ranks) and "own_anon_growth" in ranks[1] and ranks[1]["own_anon_growth"] > 0:
+        lines.append(
+            f"- ranks on one node holding the same checkpoint: {ranks[0]['own_anon_growth'] / 2**20:.0f} MiB held by "
+            f"ckptio's processes against {ranks[1]['own_anon_growth'] / 2**20:.0f} MiB by torch.load's (shared page cache)"
+        )
+    noisy = noisy_rows(rows)
+    if noisy:
+        lines.append(f"- not trusted, too noisy: {', '.join(sorted(noisy))} (see results.md)")
+    return lines
 
 
 def plots(results: dict, out_dir: str) -> list[str]:
@@ -204,5 +274,5 @@ def plots(results: dict, out_dir: str) -> list[str]:
 
 def write_reports(results: dict, out_dir: str) -> None:
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown(results))
+        f.write(markdown(results) + "\n## What to use here\n\n" + "\n".join(advice(results)[1:]) + "\n")
     plots(results, out_dir)

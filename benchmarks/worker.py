@@ -293,12 +293,19 @@ def _roundtrip(method: str, sd: dict[str, torch.Tensor], out: str) -> bool:
     return back.keys() == sd.keys() and all(torch.equal(back[k], v) for k, v in sd.items())
 
 
+def _anon() -> int:
+    """This process's anonymous memory: what it holds that the kernel cannot drop (mapped file pages it can)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
 def hold(files: dict[str, str], method: str) -> None:
     """Many-ranks mode: load and touch everything, report, then hold it until stdin closes."""
     _reset_peak()
+    anon0 = _anon()
     sd = load(method, files)
     touch(sd)
-    print(json.dumps({"peak_rss": _peak(), "rss": _rss()}), flush=True)
+    print(json.dumps({"peak_rss": _peak(), "rss": _rss(), "anon_growth": _anon() - anon0}), flush=True)
     sys.stdin.read()
 
 

@@ -178,7 +178,7 @@ def test_one_rank_failing_inside_a_collective_operation_stops_every_rank(tmp_pat
     failing = "rank 1" if mode == "load" else "rank 0"
     other = "rank 0" if mode == "load" else "rank 1"
     assert "Input/output error" in lines[failing], lines
-    expected = {"download": "StorageError", "load": "CheckpointError", "close": "CheckpointSaveError"}[mode]
+    expected = {"download": "StorageError", "load": "CheckpointError", "close": "CheckpointSaveOSError"}[mode]
     assert f"{other}: {expected}:" in lines[other] and "Input/output error" in lines[other], lines
 
 
