@@ -14,8 +14,10 @@ were named per save (``{base}.metrics.json``, ``{base}.trainer.safetensors``) st
 from __future__ import annotations
 
 import datetime
+import hashlib
 import io
 import json
+import os
 import re
 import uuid
 import warnings
@@ -84,6 +86,14 @@ SAVE_ID_KEY = "ckptio.save_id"
 METRICS_FILE_KEY = "ckptio.metrics_file"
 METRICS_CRC_KEY = "ckptio.metrics_crc32"
 TRAINER_FILE_KEY = "ckptio.trainer_file"
+# a digest of the directory a checkpoint was saved in (not the path itself: headers travel); a local file
+# found elsewhere is a copy, whose sidecars may not have come along
+SAVED_IN_KEY = "ckptio.saved_in"
+
+
+def directory_digest(storage: Storage) -> str:
+    where = os.path.realpath(storage.root) if storage.is_local else storage.url()  # one digest per place
+    return hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True, order=True)
@@ -215,7 +225,7 @@ class Sidecars:
     moved: bool = False
 
     @classmethod
-    def of(cls, base: str, metadata: Mapping[str, str], source: str) -> Sidecars:
+    def of(cls, base: str, metadata: Mapping[str, str], source: str, storage: Storage | None = None) -> Sidecars:
         if SAVE_ID_KEY not in metadata:
             return cls(base + METRICS_SUFFIX, None, base + TRAINER_SUFFIX, declared=False)
         metrics, trainer = metadata.get(METRICS_FILE_KEY), metadata.get(TRAINER_FILE_KEY)
@@ -224,18 +234,33 @@ class Sidecars:
             if name is not None and ("/" in name or "\\" in name or name.startswith(".") or not name.endswith(suffix)):
                 raise CorruptCheckpointError(f"{source}: header names sidecar {name!r}, which is not a file beside it")
         moved = any(n is not None and not n.startswith(base + ".") for n in (metrics, trainer))
+        # the same name in another local directory; object stores are where ckptio's own uploads live
+        saved_in = metadata.get(SAVED_IN_KEY)
+        if storage is not None and storage.is_local and saved_in is not None:
+            moved = moved or saved_in != directory_digest(storage)
         return cls(metrics, metadata.get(METRICS_CRC_KEY), trainer, declared=True, moved=moved)
 
     def names(self) -> list[str]:
         return [n for n in (self.metrics, self.trainer) if n is not None]
 
 
-def _not_beside_the_copy(storage: Storage, weights: str, sidecar: str) -> None:
+def _raise_missing(
+    storage: Storage, weights: str, metadata: Mapping[str, str], sidecars: Sidecars, name: str | None = None
+) -> None:
+    """A named sidecar is not there: the checkpoint moved on meanwhile (retry), is damaged, or is a copy without it.
+
+    Returns (after one warning) only for a copy: a copy's weights load without what did not come along.
+    """
+    name = name or sidecars.metrics
+    assert name is not None
+    error = _sidecar_missing(storage, weights, metadata, name)
+    if not sidecars.moved or isinstance(error, CheckpointNotFoundError):
+        raise error from None
     warnings.warn(
-        f"{storage.url(weights)}: a copy whose sidecar {sidecar} is not beside it; loading its weights without it "
+        f"{storage.url(weights)}: a copy whose sidecar {name} is not beside it; loading its weights without it "
         "(ckptio export copies a checkpoint with all its files)",
         CheckpointWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
@@ -274,7 +299,7 @@ def write_checkpoint(
     """Write the sidecars, then the weights file (the commit point), then drop the files it replaced."""
     check_format(checkpoint_format)
     save_id = uuid.uuid4().hex[:12]
-    meta: dict[str, str] = {SAVE_ID_KEY: save_id}
+    meta: dict[str, str] = {SAVE_ID_KEY: save_id, SAVED_IN_KEY: directory_digest(storage)}
     if architecture_json is not None:
         meta["ckptio.architecture"] = json.dumps(architecture_json, sort_keys=True)
     if epoch is not None:
@@ -377,16 +402,14 @@ def read_metrics(storage: Storage, weights: str, metadata: Mapping[str, str] | N
     """The training metrics saved with weights file ``weights`` (None if it was saved without)."""
     if metadata is None:
         metadata = read_metadata(storage, weights)
-    sidecars = Sidecars.of(weights.rsplit(".", 1)[0], metadata, storage.url(weights))
+    sidecars = Sidecars.of(weights.rsplit(".", 1)[0], metadata, storage.url(weights), storage)
     if sidecars.metrics is None:
         return None
     data = _read_optional(storage, sidecars.metrics)
     if data is None:
-        if sidecars.moved:
-            _not_beside_the_copy(storage, weights, sidecars.metrics)
-            return None
         if sidecars.declared:
-            raise _sidecar_missing(storage, weights, metadata, sidecars.metrics)
+            _raise_missing(storage, weights, metadata, sidecars)
+            return None  # a copy without it
         return legacy_name_metrics(weights)
     source = storage.url(sidecars.metrics)
     if sidecars.metrics_crc32 is not None and crc32_hex(data) != sidecars.metrics_crc32:
@@ -415,7 +438,7 @@ def read_trainer_state(
     Mapped like the weights (a sharded optimizer takes only its ranks' blocks) and, by default,
     checked against its digest: a resume must not continue from a damaged optimizer state.
     """
-    sidecars = Sidecars.of(weights.rsplit(".", 1)[0], metadata, storage.url(weights))
+    sidecars = Sidecars.of(weights.rsplit(".", 1)[0], metadata, storage.url(weights), storage)
     name = sidecars.trainer
     if name is None:
         return None
@@ -423,11 +446,8 @@ def read_trainer_state(
         local = fetch_local(storage, name, cache)
         tensors, meta = read_weights(storage, name, verify=verify, local_path=local)
     except CheckpointNotFoundError:
-        if sidecars.moved:
-            _not_beside_the_copy(storage, weights, name)
-            return None
         if sidecars.declared:
-            raise _sidecar_missing(storage, weights, metadata, name) from None
+            _raise_missing(storage, weights, metadata, sidecars, name)
         return None
     assert isinstance(tensors, Mapping)
     if sidecars.declared and meta.get(SAVE_ID_KEY) != metadata.get(SAVE_ID_KEY):

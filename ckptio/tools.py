@@ -30,6 +30,8 @@ from .formats import WRITER_KEYS, check_digest, write_safetensors
 from .layout import (
     CHECKPOINTS_DIR,
     MANIFEST_NAME,
+    METRICS_SUFFIX,
+    TRAINER_SUFFIX,
     WEIGHT_EXTENSIONS,
     Sidecars,
     architecture_record,
@@ -115,6 +117,8 @@ def _converted(storage: Storage, name: str, trusted: bool) -> dict[str, Any]:
     module = isinstance(obj, torch.nn.Module)
     epoch = epoch_of(name, metadata)
     trainer = None if module else read_trainer_state(storage, name, metadata, verify=True)
+    if trainer is not None:  # what the writer computes itself (digest, layout) is written anew
+        trainer = (trainer[0], {k: v for k, v in trainer[1].items() if k not in WRITER_KEYS})
     if trainer is None and not module and metadata.get("ckptio.pt_key"):
         extras = read_pt_training_state(storage, name)  # a .pt training checkpoint's optimizer, scheduler...
         if extras:
@@ -291,7 +295,7 @@ def verify_checkpoint(storage: Storage, name: str) -> list[VerifyResult]:
     results = [weights]
     if metadata is None:
         return results
-    sidecars = Sidecars.of(name.rsplit(".", 1)[0], metadata, weights.uri)
+    sidecars = Sidecars.of(name.rsplit(".", 1)[0], metadata, weights.uri, storage)
     if sidecars.moved:  # a copy: what is not beside it is not there to check (nor damage)
         results += [
             VerifyResult(storage.url(n), "unverified", "saved with this checkpoint; not beside this copy")
@@ -329,7 +333,12 @@ def verify(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[V
     listing = storage.listdir()
     names = [i.name for i in scan(storage, listing)]
     known = set(names)
-    names += [n for n in listing if n.endswith(WEIGHT_EXTENSIONS) and n not in known and not _hidden(n)]
+    sidecar = (TRAINER_SUFFIX, METRICS_SUFFIX)  # a trainer-state file ends in .safetensors too
+    names += [
+        n
+        for n in listing
+        if n.endswith(WEIGHT_EXTENSIONS) and not n.endswith(sidecar) and n not in known and not _hidden(n)
+    ]
     if not names:
         raise CheckpointNotFoundError(f"{uri}: no checkpoints in this directory")
     results = [r for n in names for r in verify_checkpoint(storage, n)]
@@ -337,10 +346,13 @@ def verify(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[V
     covered |= {other for n in names for other in files_of(n.rsplit(".", 1)[0], listing)}  # replaced saves' files
     for other in sorted(set(listing) - covered):
         if not _hidden(other) and "/" not in other and storage.kind(other) != "directory":
-            results.append(
-                VerifyResult(storage.url(other), "unverified", "not a file of any checkpoint here; not checked")
-            )
+            what = ORPHAN if other.endswith(sidecar) else "not a file of any checkpoint here; not checked"
+            results.append(VerifyResult(storage.url(other), "unverified", what))
     return results
+
+
+# sidecars are written before the weights file commits a save: a writer stopped in between leaves them
+ORPHAN = "sidecar of a save that never committed (its writer stopped before the weights); part of no checkpoint"
 
 
 def _hidden(name: str) -> bool:

@@ -133,16 +133,18 @@ def test_a_copied_or_renamed_checkpoint_loads_anywhere_and_export_makes_a_whole_
         assert json.loads(capsys.readouterr().out)["metrics"] == {"reward": 0.9}
         assert main(["convert", copy, str(tmp_path / f"{len(os.listdir(tmp_path))}.pt")]) == 0
         capsys.readouterr()
-    # a renamed copy alone: its weights load, no metrics, one warning; verify says what it cannot check
+    # a copy alone, renamed or under its own name elsewhere: its weights load, no metrics, one warning;
+    # verify says what it cannot check. In its own directory, a missing sidecar is still damage.
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(weights, alone / "policy.safetensors")
-    with pytest.warns(ckptio.CheckpointWarning, match="not beside it") as caught:
-        art = ckptio.load_from_uri(str(alone / "policy.safetensors"))
-    assert len(caught) == 1 and art.training_metrics is None
-    assert torch.equal(art.state_dict["body.weight"], policy.body.weight)
-    statuses = [r.status for r in ckptio.verify(str(alone / "policy.safetensors"))]
-    assert statuses == ["ok", "unverified", "unverified"]
+    shutil.copy(weights, alone)
+    for copy in (alone / "policy.safetensors", alone / os.path.basename(weights)):
+        with pytest.warns(ckptio.CheckpointWarning, match="not beside it") as caught:
+            art = ckptio.load_from_uri(str(copy))
+        assert len(caught) == 1 and art.training_metrics is None
+        assert torch.equal(art.state_dict["body.weight"], policy.body.weight)
+        assert [r.status for r in ckptio.verify(str(copy))] == ["ok", "unverified", "unverified"]
     # export: a whole unit under a new name, in a place with no run directory; never over an existing file
     out = _ckptio("export", str(run), str(tmp_path / "shipped" / "best-policy.safetensors"))
     assert out.returncode == 0, out.stderr

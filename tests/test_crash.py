@@ -14,6 +14,7 @@ import torch
 import ckptio
 from ckptio import formats
 from ckptio.storage import TMP_MARK
+from ckptio.tools import ORPHAN
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint(tmp_path, forkserver
         for r in reported[-keep_last:]:
             assert r in present or sum(p > r for p in present) >= keep_last, (r, reported[-keep_last:], present)
         # every visible checkpoint is whole: digest verified, and content is the right epoch
-        results = ckptio.verify(run)
+        results = [r for r in ckptio.verify(run) if r.detail != ORPHAN]  # a killed save's sidecars: reported apart
         assert all(r.status == "ok" for r in results), results
         latest = ckptio.load_from_uri(run, verify=True, allow=["archs"])
         assert latest.epoch == present[-1] >= reported[-1]
