@@ -1,6 +1,6 @@
 """A save observes and never changes training (run under torchrun by tests).
 
-    observe_job.py RUN_DIR OUT_DIR --mode fsdp|plain
+    observe_job.py RUN_DIR OUT_DIR
 
 For each optimizer state (never stepped, partly frozen and never stepped, partly frozen and
 stepped, stepped, stepped with a background save), trains the same model twice from the same
@@ -8,7 +8,8 @@ seed, once with a save (model and optimizer) in the middle and once without, and
 everything training depends on afterwards, exactly: the full weights, the full optimizer state
 and param groups, and the RNG. A never-stepped optimizer's checkpoint is then loaded into a fresh
 model and optimizer, which must equal a fresh start and train on identically. Writes
-``OUT/rank{r}.json``: for each case, the differences found (empty when identical).
+``OUT/rank{r}.json``: for each mode (FSDP2-sharded, plain) and case, the differences found (empty when
+identical).
 """
 
 from __future__ import annotations
@@ -89,15 +90,7 @@ def differences(a: dict, b: dict) -> list[str]:
     return diffs
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("run_dir")
-    p.add_argument("out")
-    p.add_argument("--mode", choices=["fsdp", "plain"], default="fsdp")
-    args = p.parse_args()
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    os.makedirs(args.out, exist_ok=True)
+def observe(run_dir: str, mode: str, world: int) -> dict[str, list[str]]:
     arch = MLPArch(hidden=16)
     cases = {  # name: (frozen, steps before the save, background save)
         "never-stepped": (False, 0, False),
@@ -110,34 +103,46 @@ def main() -> int:
     for name, (frozen, before, in_background) in cases.items():
         results = []
         for with_save in (False, True):
-            model, opt = build(args.mode, world, frozen)
+            model, opt = build(mode, world, frozen)
             torch.manual_seed(1)
-            train(model, opt, args.mode, before)
+            train(model, opt, mode, before)
             if with_save:
-                ckpt = ckptio.Checkpointer(os.path.join(args.run_dir, name), arch)
+                ckpt = ckptio.Checkpointer(os.path.join(run_dir, name), arch)
                 ckpt.save(model, 1, {"loss": 0.0}, {"step": before}, optimizer=opt, async_=in_background)
-            train(model, opt, args.mode, 3)
+            train(model, opt, mode, 3)
             if with_save:
                 ckpt.close()
             results.append(snapshot(model, opt))
         report[name] = differences(*results)
 
     # resuming a never-stepped optimizer's checkpoint equals a fresh start, and trains on identically
-    fresh_model, fresh_opt = build(args.mode, world, frozen=False)
-    model, opt = build(args.mode, world, frozen=False)
-    ckpt = ckptio.Checkpointer(os.path.join(args.run_dir, "never-stepped"), arch)
+    fresh_model, fresh_opt = build(mode, world, frozen=False)
+    model, opt = build(mode, world, frozen=False)
+    ckpt = ckptio.Checkpointer(os.path.join(run_dir, "never-stepped"), arch)
     assert ckpt.load_into(model, opt)
     report["resumed-never-stepped"] = differences(snapshot(fresh_model, fresh_opt), snapshot(model, opt))
     for m, o in ((fresh_model, fresh_opt), (model, opt)):
         torch.manual_seed(2)
-        train(m, o, args.mode, 3)
+        train(m, o, mode, 3)
     report["resumed-never-stepped-trained"] = differences(snapshot(fresh_model, fresh_opt), snapshot(model, opt))
     # the premise: torch's own API gives a never-stepped optimizer state (an lr=0 step), which ckptio must not
-    saved = get_optimizer_state_dict(*build(args.mode, world, frozen=False))
+    saved = get_optimizer_state_dict(*build(mode, world, frozen=False))
     report["premise-torch-initialises"] = (
-        [] if saved["state"] else ["torch initialised no state: the cases above prove nothing"]
+        [] if saved["state"] else ["torch initialised no state: the cases prove nothing"]
     )
     ckpt.close()
+    return report
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    args = p.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.makedirs(args.out, exist_ok=True)
+    report = {mode: observe(os.path.join(args.run_dir, mode), mode, world) for mode in ("fsdp", "plain")}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()

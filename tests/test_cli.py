@@ -162,24 +162,27 @@ def test_a_copied_or_renamed_checkpoint_loads_anywhere_and_export_makes_a_whole_
         ckptio.layout.Sidecars.of("x", {**meta, "ckptio.metrics_file": "../x.metrics.json"}, "src")
 
 
-def test_cli_papercuts_through_the_real_command(tmp_path, policy):
-    """--version; --storage-options after the subcommand; a closed pipe; files that are not checkpoints; empty ls."""
+def test_cli_papercuts(tmp_path, policy, capsys):
+    """--version; --storage-options after the subcommand; a closed pipe; files that are not checkpoints; empty ls.
+
+    The closed pipe and --version go through a real process (file descriptors, argparse's exit);
+    the rest through the command's main(), which the process runs.
+    """
     run = str(tmp_path / "run")
     for epoch in range(3):
         ckptio.CheckpointManager(run).save_agent(policy, epoch)
     out = _ckptio("--version")
     assert out.returncode == 0 and out.stdout.strip() == f"ckptio {ckptio.__version__}"
-    # the option where users put it: parsed there (a bad value is reported, a good one works)
-    bad = _ckptio("ls", run, "--storage-options", "{not json")
-    assert bad.returncode == 2 and "--storage-options is not valid JSON" in bad.stderr
-    good = _ckptio("ls", run, "--storage-options", "{}")
-    assert good.returncode == 0 and len(good.stdout.splitlines()) == 3
     # the reader went away (ckptio inspect DIR | head -1): no error message, no traceback, exit 0
     proc = subprocess.Popen([sys.executable, "-m", "ckptio", "inspect", run], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 0 and err == "", err
+    # the option where users put it: parsed there (a bad value is reported, a good one works)
+    assert main(["ls", run, "--storage-options", "{not json"]) == 2
+    assert "--storage-options is not valid JSON" in capsys.readouterr().err
+    assert main(["ls", run, "--storage-options", "{}"]) == 0 and len(capsys.readouterr().out.splitlines()) == 3
     # a text file named .safetensors, an existing file that is no checkpoint, an empty directory
     text = tmp_path / "notes.safetensors"
     text.write_text("these are my notes, not tensors\n" * 10)
@@ -191,8 +194,9 @@ def test_cli_papercuts_through_the_real_command(tmp_path, policy):
         (["inspect", str(other)], "not a checkpoint file (a checkpoint ends in .safetensors or .pt)"),
         (["ls", str(tmp_path / "empty")], "no checkpoints in this directory"),
     ):
-        out = _ckptio(*args)
-        assert out.returncode == 2 and needle in out.stderr and len(out.stderr.splitlines()) == 1, (args, out.stderr)
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert needle in err and len(err.splitlines()) == 1, (args, err)
 
 
 def test_gs_without_a_server_is_one_line_at_once_through_the_real_command():

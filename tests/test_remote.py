@@ -166,7 +166,8 @@ def _same_save(weights_path):
     return content(weights_path), content(os.path.join(directory, sidecars.trainer)), metrics
 
 
-PER_SAVE_KEYS = {"ckptio.save_id", "ckptio.metrics_file", "ckptio.trainer_file"}
+# what differs between two saves of the same content: the save, its sidecars' names, the directory it is in
+PER_SAVE_KEYS = {"ckptio.save_id", "ckptio.metrics_file", "ckptio.trainer_file", "ckptio.saved_in"}
 
 
 def test_async_save_equals_sync_and_ignores_later_mutation(tmp_path, policy, env_meta):
