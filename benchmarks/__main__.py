@@ -8,6 +8,7 @@ DIR/*.png (time and peak memory against checkpoint size).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -103,7 +104,24 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
+_server: subprocess.Popen | None = None  # --quick: one worker process for every row
+
+
+def _stop_server() -> None:
+    if _server is not None and _server.poll() is None:
+        _server.stdin.close()
+        _server.wait(timeout=60)
+
+
 def measure(spec: dict, timeout: float = 900) -> dict:
+    """One measurement in a fresh worker process (with --quick, in the one shared worker)."""
+    if _server is not None:
+        _server.stdin.write(json.dumps(spec) + "\n")
+        _server.stdin.flush()
+        line = _server.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker failed for {spec['op']}/{spec['method']} (see its stderr above)")
+        return json.loads(line)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], capture_output=True, text=True, timeout=timeout
     )
@@ -250,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     opts = json.loads(args.storage_options) if args.storage_options else {}
     if args.quick:
         args.sizes, args.repeats = "2M", 1
+        global _server
+        _server = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker", "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        atexit.register(_stop_server)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     os.makedirs(args.out, exist_ok=True)
     cold = args.cold and can_drop_caches()

@@ -309,7 +309,20 @@ def hold(files: dict[str, str], method: str) -> None:
     sys.stdin.read()
 
 
+def serve() -> None:
+    """Quick mode: one process measures spec after spec (a JSON line in, a JSON line out) instead of a
+    fresh process each; its memory figures carry over between rows, so it is for smoke tests only."""
+    for line in sys.stdin:
+        spec = json.loads(line)
+        if spec.get("threads"):
+            torch.set_num_threads(int(spec["threads"]))
+        print(json.dumps(run(spec)), flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        sys.exit(0)
     spec = json.loads(sys.argv[1])
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
