@@ -451,29 +451,29 @@ class Checkpointer:
             self._shard_group = sharded.new_group(self.config.shard_timeout_s)
         self.async_saver.wait()
         files = {"w": weights, **({"t": trainer[0]} if trainer is not None else {})}
-        # on the caller's thread, even for a background save: ranks that disagree fail here, together
+        meta = trainer[1] if trainer is not None else None
+
+        def snapshot(blocks: dict[tuple[str, str], Any]) -> None:
+            # the training thread's part: this rank's own shards (and the master's plain tensors) into reused buffers
+            local = self.async_saver.snapshot({f"{lb}/{k}": b.local for (lb, k), b in blocks.items()}, "s.")
+            for (lb, k), b in blocks.items():
+                b.local = local[f"{lb}/{k}"]
+            if self.rank.is_master:
+                for label, d in files.items():
+                    plain = {k: v for k, v in d.items() if (label, k) not in blocks}
+                    files[label] = {**d, **self.async_saver.snapshot(plain, f"{label}.")}
+
+        # on the caller's thread, even for a background save: ranks that disagree, or a rank that cannot
+        # snapshot, fail here, together, in one collective
         try:
-            gather = sharded.ShardGather(self._shard_group, files, target)
+            gather = sharded.ShardGather(self._shard_group, files, target, snapshot if in_background else None)
         except CheckpointError:
             raise
         except Exception as e:  # the gloo group itself failed: a rank died or timed out
             raise save_failed(target, "planning the sharded save", e) from e
-        meta = trainer[1] if trainer is not None else None
         if not in_background:
             self._write_sharded(gather, files, epoch, metrics, meta, target)
             return
-
-        def snapshot() -> None:
-            # the training thread's part: this rank's own shards (and the master's plain tensors) into reused buffers
-            local = self.async_saver.snapshot({f"{lb}/{k}": b.local for (lb, k), b in gather.blocks.items()}, "s.")
-            for (lb, k), b in gather.blocks.items():
-                b.local = local[f"{lb}/{k}"]
-            if self.rank.is_master:
-                for label, d in files.items():
-                    plain = {k: v for k, v in d.items() if (label, k) not in gather.blocks}
-                    files[label] = {**d, **self.async_saver.snapshot(plain, f"{label}.")}
-
-        ranks.gather_results(snapshot, self._shard_group)  # a rank that cannot snapshot stops the others now
         metrics = json.loads(json.dumps(metrics)) if metrics is not None else None
         self.async_saver.start(self._write_sharded, gather, files, epoch, metrics, meta, target)
 

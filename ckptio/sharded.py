@@ -19,7 +19,7 @@ import functools
 import hashlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,13 +199,20 @@ class ShardGather:
     """One sharded save, on every rank: the plan of who sends which block, then the transfers.
 
     ``files`` maps a file label to its tensors (DTensor values are sharded; others are the
-    master's own). Building it is a collective on ``group``: every rank first proves it holds the
+    master's own); ``prepare(blocks)`` runs on this rank's blocks first (a background save's
+    snapshot). Building it is a collective on ``group``: every rank first proves it holds the
     same tensors as the master (names, dtypes, global shapes, placements: one digest each, the
     details only when they differ), so no byte moves and nothing is written unless they agree.
     A failure on any rank while planning raises on every rank.
     """
 
-    def __init__(self, group: Any, files: Mapping[str, Mapping[str, torch.Tensor]], source: str):
+    def __init__(
+        self,
+        group: Any,
+        files: Mapping[str, Mapping[str, torch.Tensor]],
+        source: str,
+        prepare: Callable[[dict[tuple[str, str], _Block]], None] | None = None,
+    ):
         self.group, self.source = group, source
         self.me = dist.get_rank()
 
@@ -220,6 +227,8 @@ class ShardGather:
                 for key, t in tensors.items()
                 if isinstance(t, DTensor)
             }
+            if prepare is not None:  # a background save's snapshot: its failure travels in the same collective
+                prepare(self.blocks)
         except Exception as e:  # reported after the agreement check, which names the cause when ranks differ
             error = e
         layout = [(self.blocks[e].shape, self.blocks[e].offset) for e in sorted(self.blocks)]
