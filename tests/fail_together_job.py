@@ -7,7 +7,8 @@ Modes:
 - ``load``: rank 1 fails to load its part of a checkpoint (``load_into``);
 - ``close``: the master's last save, in the background, fails; ``close()`` is where it surfaces.
 
-Each rank prints ``rank R: ErrorType: message`` and exits 4 when it raised, 0 when nothing raised.
+Each rank writes ``rank R: ErrorType: message`` to ``rank{R}.txt`` beside RUN_DIR and exits 4 when it
+raised, 0 when nothing raised.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 
 import torch.distributed as dist
@@ -62,7 +64,9 @@ def main() -> int:
             ckpt.save(model, 1)  # returns at once: the write fails in the background
             ckpt.close()
     except Exception as e:  # the failing rank's own error; the others' must be a ckptio error naming it
-        print(f"rank {rank}: {type(e).__name__}: {e}", flush=True)
+        # a file per rank: the ranks' stdout lines interleave in torchrun's output
+        with open(os.path.join(os.path.dirname(args.run_dir), f"rank{rank}.txt"), "w") as f:
+            f.write(f"rank {rank}: {type(e).__name__}: {e}")
         dist.destroy_process_group()
         return 4
     ckpt.close()
