@@ -8,7 +8,7 @@ Where each concern lives (data flows down this list, never up):
 - ``upload``        Uploader: background upload threads, retries, coalescing
 - ``sharded``       DTensor state dicts: gathered to the master tensor by tensor, sliced per rank on load
 - ``manager``       CheckpointManager: one run's saves, manifest and retention
-- ``tools``         convert, inspect, verify (what the ``ckptio`` command runs; ``cli`` parses its arguments)
+- ``tools``         convert, export, inspect, verify (what the ``ckptio`` command runs; ``cli`` parses its arguments)
 - ``discovery``     URIs resolved, checkpoints listed, latest and best chosen, ``load_from_uri``
 - ``layout``        one checkpoint's files: names, commit order, sidecars, the manifest; reading them back
 - ``formats``       safetensors and .pt bytes: writer, strict reader, digests
@@ -53,7 +53,7 @@ from .errors import (
 )
 from .manager import CheckpointManager, save_policy_artifact
 from .ranks import RankInfo, is_master, rank_info
-from .tools import VerifyResult, convert, inspect_checkpoint, verify
+from .tools import VerifyResult, convert, export, inspect_checkpoint, verify
 from .version import __version__ as __version__
 
 __all__ = [
@@ -85,6 +85,7 @@ __all__ = [
     "architecture_from_json",
     "architecture_to_json",
     "convert",
+    "export",
     "inspect_checkpoint",
     "is_master",
     "latest",

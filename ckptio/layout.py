@@ -330,14 +330,17 @@ def write_checkpoint(
 _SAVE_ID_RE = re.compile(r"[0-9a-f]{12}")
 
 
+def weights_names(base: str) -> frozenset[str]:
+    """The names checkpoint ``base``'s weights may have (a trainer-state sidecar ends in .safetensors too)."""
+    return frozenset(base + ext for ext in WEIGHT_EXTENSIONS)
+
+
 def files_of(base: str, listing: Iterable[str]) -> list[str]:
     """The files of checkpoint ``base`` in a listing: weights, sidecars of any save, legacy sidecars.
 
     Only names ckptio itself writes: a user's ``model.config.json`` beside ``model.safetensors`` is not one.
     """
-    own = {base + ext for ext in WEIGHT_EXTENSIONS} | {
-        base + s for s in (METRICS_SUFFIX, TRAINER_SUFFIX, LEGACY_ARCH_SUFFIX)
-    }
+    own = weights_names(base) | {base + s for s in (METRICS_SUFFIX, TRAINER_SUFFIX, LEGACY_ARCH_SUFFIX)}
     found = []
     for name in listing:
         if name in own:
@@ -360,8 +363,9 @@ def remove_replaced(storage: Storage, base: str, keep: Iterable[str], *, other_f
     """
     keep = set(keep)
     files = files_of(base, storage.listdir())
+    weights = weights_names(base)
     if not other_formats:
-        for other in [n for n in files if n.endswith(WEIGHT_EXTENSIONS) and n not in keep]:
+        for other in [n for n in files if n in weights and n not in keep]:
             keep.add(other)
             try:
                 keep.update(Sidecars.of(base, read_metadata(storage, other), other).names())
@@ -370,7 +374,7 @@ def remove_replaced(storage: Storage, base: str, keep: Iterable[str], *, other_f
             keep.update(base + s for s in (METRICS_SUFFIX, TRAINER_SUFFIX, LEGACY_ARCH_SUFFIX))
     stale = [n for n in files if n not in keep]
     # other weights first: until they are gone a reader could still pick them
-    stale.sort(key=lambda n: not n.endswith(WEIGHT_EXTENSIONS))
+    stale.sort(key=lambda n: n not in weights)
     for name in stale:
         storage.delete(name)
     return stale
@@ -623,8 +627,9 @@ def load_checkpoint(
 def delete_checkpoint(storage: Storage, name: str, listing: list[str] | None = None) -> None:
     """Delete a checkpoint: its weights first (it vanishes at once), then every other file of it."""
     storage.delete(name)
-    names = files_of(name.rsplit(".", 1)[0], storage.listdir() if listing is None else listing)
-    names.sort(key=lambda n: not n.endswith(WEIGHT_EXTENSIONS))
+    base = name.rsplit(".", 1)[0]
+    names = files_of(base, storage.listdir() if listing is None else listing)
+    names.sort(key=lambda n: n not in weights_names(base))
     for other in names:
         if other != name:
             storage.delete(other)

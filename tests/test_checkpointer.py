@@ -2,6 +2,7 @@
 
 import json
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -195,3 +196,98 @@ def test_trainer_state_is_read_back_as_the_nested_structure_it_was_saved_as(tmp_
     assert tree["user"] == {"step": 12, "sched": {"last": [1, 2]}} and tree["epoch"] == 1
     assert torch.equal(tree["optimizer"]["state"]["head.weight"]["exp_avg"], opt.state[model.head.weight]["exp_avg"])
     assert len(tree["rng"]) == 1 and set(tree["rng"][0]) >= {"torch", "python", "numpy"}
+
+
+def _checkpoint_wrapped(policy):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    policy.body = checkpoint_wrapper(policy.body)  # activation checkpointing puts a wrapper module in the names
+    return policy
+
+
+def test_wrapped_models_save_and_restore_under_the_unwrapped_names(tmp_path, env_meta):
+    """Weights and optimizer state of an activation-checkpointed model are keyed as the plain model has them."""
+    from archs import MLPArch
+
+    torch.manual_seed(0)
+    wrapped = _checkpoint_wrapped(MLPArch().make_policy(env_meta))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_parameters())  # the premise
+    opt = _adam_state(wrapped)
+    with ckptio.Checkpointer(str(tmp_path / "run"), MLPArch()) as ckpt:
+        ckpt.save(wrapped, 1, optimizer=opt, force=True)
+    plain = MLPArch().make_policy(env_meta)
+    saved = ckptio.load_from_uri(str(tmp_path / "run")).state_dict
+    assert set(saved) == set(plain.state_dict())
+    for target in (plain, _checkpoint_wrapped(MLPArch().make_policy(env_meta))):
+        target_opt = torch.optim.Adam(target.parameters(), lr=1e-3)
+        with ckptio.Checkpointer(str(tmp_path / "run"), MLPArch()) as ckpt:
+            assert ckpt.load_into(target, target_opt)
+        for (name, p), q in zip(target.named_parameters(), wrapped.parameters(), strict=True):
+            assert torch.equal(p, q), name
+            assert torch.equal(target_opt.state[p]["exp_avg"], opt.state[q]["exp_avg"]), name
+
+
+def test_saving_a_never_stepped_optimizer_leaves_it_untouched(tmp_path, policy):
+    """torch's optimizer state-dict API would take an lr=0 step to create state: a save must not."""
+    from archs import MLPArch
+
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    hooks = []
+    opt.register_step_pre_hook(lambda *a: hooks.append(a))
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    with ckptio.Checkpointer(str(tmp_path / "run"), MLPArch()) as ckpt:
+        ckpt.save(policy, 1, optimizer=opt, force=True)
+    assert not opt.state and not hooks
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+
+
+def test_a_background_save_writes_the_metrics_as_they_were_at_save(tmp_path, policy, monkeypatch):
+    """The caller may change its metrics dict once save() returned; the background writer holds its own copy."""
+    from archs import MLPArch
+
+    from ckptio.manager import CheckpointManager
+
+    release = threading.Event()
+    original = CheckpointManager.save_checkpoint
+
+    def held(self, *args, **kwargs):
+        release.wait(60)  # the writer thread starts only once the caller has changed its dict
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointManager, "save_checkpoint", held)
+    metrics = {"score": 1.0, "history": [1.0]}
+    with ckptio.Checkpointer(str(tmp_path / "run"), MLPArch()) as ckpt:
+        ckpt.save(policy, 1, metrics, force=True, async_=True)
+        metrics["score"] = 2.0
+        metrics["history"].append(2.0)
+        release.set()
+        ckpt.wait()
+    assert ckptio.load_from_uri(str(tmp_path / "run")).training_metrics == {"score": 1.0, "history": [1.0]}
+
+
+def test_a_background_save_after_a_dtype_change_keeps_the_new_dtype(tmp_path):
+    """Snapshot buffers are reused between saves only while shape and dtype stay the same."""
+    from archs import MLPArch
+
+    third = torch.full((3,), 1 / 3, dtype=torch.float64)
+    with ckptio.Checkpointer(str(tmp_path / "run"), MLPArch()) as ckpt:
+        ckpt.save({"x": third.float()}, 1, force=True, async_=True)
+        ckpt.save({"x": third}, 2, force=True, async_=True)
+        ckpt.wait()
+    loaded = ckptio.load_from_uri(str(tmp_path / "run")).state_dict["x"]
+    assert loaded.dtype == torch.float64 and torch.equal(loaded, third)
+
+
+def test_a_run_refuses_another_architecture(tmp_path, policy, env_meta):
+    """The manifest is write-once: a job with another architecture neither saves into the run nor resumes it."""
+    from archs import MLPArch
+
+    run = str(tmp_path / "run")
+    with ckptio.Checkpointer(run, MLPArch(hidden=16)) as ckpt:
+        ckpt.save(policy, 1, force=True)
+    with ckptio.Checkpointer(run, MLPArch(hidden=8)) as other:
+        with pytest.raises(ckptio.ArchitectureError, match="refusing to resume into a different model"):
+            other.save(policy, 2, force=True)
+        with pytest.raises(ckptio.ArchitectureError, match="different model"):
+            other.load_or_create_policy(env_meta)
+    assert [i.epoch for i in ckptio.list_checkpoints(run)] == [1]

@@ -55,6 +55,7 @@ def test_cli_verify_reports_each_bad_file(tmp_path, policy, capsys):
     assert f"OK         {good}\n" in out and f"BAD        {bad}: content digest mismatch" in out
     assert out.count(bad) == 1  # each path once
     assert main(["verify", good]) == 0
+    assert _ckptio("verify", bad).returncode == 1  # the process's exit status, as scripts see it
     assert main(["inspect", str(tmp_path / "empty")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
 
@@ -212,3 +213,21 @@ def test_gs_without_a_server_is_one_line_at_once_through_the_real_command():
         f"ckptio: error: gs://bucket/run: stat failed: cannot connect to http://127.0.0.1:{port}: "
         "[Errno 111] Connection refused"
     ], out.stderr
+
+
+def test_an_export_that_does_not_verify_raises(tmp_path, policy):
+    """export hands out only copies that verify: a damaged source is reported, not copied as if whole."""
+    run = str(tmp_path / "run")
+    src = ckptio.CheckpointManager(run).save_agent(policy, 1, {"score": 1.0})
+    metrics = next(p for p in os.listdir(os.path.dirname(src)) if p.endswith(".metrics.json"))
+    path = os.path.join(os.path.dirname(src), metrics)
+    open(path, "w").write(open(path).read().replace("1.0", "2.0"))  # valid JSON, wrong digest
+    with pytest.raises(ckptio.CorruptCheckpointError, match="does not verify"):
+        ckptio.export(src, str(tmp_path / "copy") + "/")
+
+
+def test_the_version_is_the_packages():
+    """What manifests and ``--version`` report is the installed distribution's version."""
+    import importlib.metadata
+
+    assert ckptio.__version__ == importlib.metadata.version("ckptio")

@@ -277,3 +277,31 @@ def test_short_writes_are_continued_not_dropped():
     loaded, _ = read_safetensors(io.BytesIO(f.buf.getvalue()), "short", mmap_file=False)
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
     assert ckptio.formats.verify_safetensors(io.BytesIO(f.buf.getvalue()), "short") is None
+
+
+def test_digests_span_every_chunk_of_a_large_file(tmp_path, monkeypatch):
+    """Files stream out and are verified in chunks: the CRC-32 carries across them (zlib's over the whole data)."""
+    monkeypatch.setattr(ckptio.formats, "_CHUNK", 4096)  # many chunks without writing gigabytes
+    tensors = {"a": torch.arange(5000, dtype=torch.float64), "b": torch.arange(3001, dtype=torch.int16)}
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        write_safetensors(f, tensors)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    assert header["__metadata__"]["ckptio.crc32"] == f"{zlib.crc32(raw[8 + n :]):08x}"
+    assert len(raw) - 8 - n > 8 * 4096
+    with open(path, "rb") as f:
+        ckptio.formats.verify_safetensors(f, str(path))
+    assert all(r.ok for r in ckptio.verify(str(path)))
+
+
+def test_a_lazy_tensor_that_materializes_differently_is_refused(tmp_path):
+    """A gathered tensor must match the header entry written before it: else the file would lie about its data."""
+    from ckptio.formats import LazyTensor
+
+    for made in (torch.zeros(3, 2), torch.zeros(2, 3, dtype=torch.float64)):
+        lazy = LazyTensor(torch.float32, (2, 3), lambda made=made: made)
+        with pytest.raises(ckptio.CheckpointFormatError, match="materialized as"):
+            with open(tmp_path / "x.safetensors", "wb") as f:
+                write_safetensors(f, {"w": lazy})

@@ -184,9 +184,13 @@ def test_run_names_and_uris_cannot_write_outside(tmp_path, policy):
 
     s = Storage(str(tmp_path / "run" / "checkpoints"))
     os.symlink("/tmp", tmp_path / "run" / "checkpoints" / "escape")
-    for name in ("../outside.safetensors", "escape/x.safetensors", "a/../../b"):
+    # a sibling whose name starts with this directory's: a prefix test on the path would let it through
+    (tmp_path / "run" / "checkpoints2").mkdir()
+    os.symlink(tmp_path / "run" / "checkpoints2", tmp_path / "run" / "checkpoints" / "sibling")
+    for name in ("../outside.safetensors", "escape/x.safetensors", "a/../../b", "sibling/x.safetensors"):
         with pytest.raises(ckptio.CheckpointSecurityError):
             s.write_bytes(name, b"x")
+    assert os.listdir(tmp_path / "run" / "checkpoints2") == []
 
 
 @pytest.mark.parametrize("class_path", ["ckptio_evil.Arch", "archsevil.Arch", "archs_x.Arch", "ckptio2.m.Arch"])

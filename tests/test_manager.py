@@ -1,6 +1,7 @@
 """CheckpointManager: naming, discovery, retention, selection, URIs, atomicity and errors."""
 
 import json
+import logging
 import os
 import struct
 
@@ -175,3 +176,54 @@ def test_unknown_dtype_and_bad_uri(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"123")
     with pytest.raises(ckptio.CheckpointNotFoundError):
         resolve(str(tmp_path / "x"))
+
+
+def test_keep_best_skips_checkpoints_without_the_metric_or_with_damaged_metrics(tmp_path, policy, caplog):
+    """Retention by a metric never fails a save: saves without it are kept by the other rules, damaged ones warned about."""
+    run = tmp_path / "r"
+    mgr = ckptio.CheckpointManager(str(run), keep_best=("score", "max", 1))
+    mgr.save_agent(policy, 0)  # no metrics yet: nothing to rank, nothing to fail on
+    mgr.save_agent(policy, 1, {"loss": 1.0})
+    assert [i.epoch for i in mgr.list_checkpoints()] == [1]  # the newest stays; nothing else ranks
+    mgr.save_agent(policy, 2, {"score": 9.0})
+    mgr.save_agent(policy, 3, {"score": 1.0})
+    metrics = next(n for n in os.listdir(run / "checkpoints") if ".e00000003." in n and n.endswith(".json"))
+    (run / "checkpoints" / metrics).write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="ckptio"):
+        mgr.save_agent(policy, 4, {"score": 2.0})
+    assert "e00000003" in caplog.text and "ignoring" in caplog.text
+    assert [i.epoch for i in mgr.list_checkpoints()] == [2, 4]
+
+
+def test_best_ignores_non_numeric_metrics_and_breaks_ties_by_newest(tmp_path, policy):
+    mgr = ckptio.CheckpointManager(str(tmp_path / "r"))
+    for epoch, s in enumerate([True, 0.5, 0.7, 0.7, "0.9"]):
+        mgr.save_agent(policy, epoch, {"score": s})
+    best = ckptio.select_checkpoints(str(tmp_path / "r"), metric="score", mode="max", count=3)
+    assert [i.epoch for i in best] == [3, 2, 1]
+    assert [i.epoch for i in mgr.select_checkpoints(metric="score", mode="min", count=2)] == [1, 3]
+
+
+def test_latest_pruned_between_listing_and_opening_is_listed_again(tmp_path, policy, monkeypatch):
+    """Another process's retention can delete the newest checkpoint after a reader listed it: list again."""
+    run = str(tmp_path / "r")
+    mgr = ckptio.CheckpointManager(run)
+    real = Storage.listdir
+    for load in (lambda: ckptio.load_from_uri(run), lambda: mgr.load_from_uri()):
+        for epoch in (1, 2):
+            mgr.save_agent(policy, epoch, {"epoch": epoch})
+        pruned = []
+
+        def listdir_then_prune(self, pruned=pruned):
+            listing = real(self)
+            newest = [n for n in listing if n.startswith("r.e") and n.endswith(".safetensors")][-1:]
+            if newest and not pruned and self.root.endswith("checkpoints"):
+                pruned.append(newest[0])
+                ckptio.CheckpointManager(run).delete(mgr.info(newest[0]))
+            return listing
+
+        monkeypatch.setattr(Storage, "listdir", listdir_then_prune)
+        art = load()
+        monkeypatch.undo()
+        assert pruned == ["r.e00000002.safetensors"]
+        assert art.epoch == 1 and art.training_metrics == {"epoch": 1}

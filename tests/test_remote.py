@@ -409,3 +409,123 @@ def test_gcs_without_a_server_fails_within_the_time_bound(gcs, monkeypatch):
     opts = dict(gcs.options(), endpoint_url=f"http://127.0.0.1:{_closed_port()}")
     with pytest.raises(ckptio.StorageError, match=r"gs://bucket/run.*(no answer within 2.0s|Connect)"):
         ckptio.load_from_uri("gs://bucket/run", storage_options=opts)
+
+
+def _memory_remote():
+    return f"memory://m{uuid.uuid4().hex[:8]}/run"
+
+
+def _epochs(uri, opts=None):
+    return [i.epoch for i in ckptio.list_checkpoints(uri, opts)]
+
+
+def test_a_remote_listing_sees_what_another_writer_committed_since(s3):
+    """fsspec caches listings per filesystem instance: ckptio must list what another process wrote after."""
+    bucket = s3.make_bucket()
+    reader, writer = Storage(f"s3://{bucket}/c", s3.options()), Storage(f"s3://{bucket}/c", s3.options())
+    writer.write_bytes("a", b"1")
+    assert reader.listdir() == ["a"]
+    writer.write_bytes("b", b"2")
+    assert reader.listdir() == ["a", "b"]
+
+
+def test_a_checkpoint_larger_than_the_cache_limit_still_loads(tmp_path, policy):
+    """The entry just fetched is never the one evicted, even when it alone exceeds the limit."""
+    remote = _memory_remote()
+    uri = ckptio.save_policy_artifact(remote + "/p", policy, None)
+    cache = NodeCache(str(tmp_path / "cache"), max_bytes=1)
+    art = ckptio.load_from_uri(uri, cache=cache)
+    assert cache.fills == 1 and torch.equal(art.state_dict["head.weight"], policy.head.weight)
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_the_node_cache_evicts_the_least_recently_used_entry(tmp_path):
+    storage = Storage(_memory_remote())
+    for name in "abc":
+        storage.write_bytes(name, name.encode() * 1000)
+    cache = NodeCache(str(tmp_path / "cache"), max_bytes=2500)
+    a, b = cache.fetch(storage, "a"), cache.fetch(storage, "b")
+    now = time.time()
+    os.utime(a, (now - 100, now - 100))  # a fetched long ago, b since
+    os.utime(b, (now - 50, now - 50))
+    assert cache.fetch(storage, "a") == a and cache.fills == 2  # a hit makes a the most recent
+    cache.fetch(storage, "c")
+    assert os.path.exists(a) and not os.path.exists(b)
+
+
+def test_remote_retention_keeps_this_jobs_last_save(tmp_path, policy):
+    """A job restarted from an earlier epoch in an old run: its own save is its newest, on both sides."""
+    from archs import MLPArch
+
+    remote = _memory_remote()
+    for run, epochs in (("first", (5, 6)), ("restarted", (1,))):
+        cfg = ckptio.CheckpointConfig(keep_last=1, remote_uri=remote, run_name="run")
+        with ckptio.Checkpointer(str(tmp_path / run), MLPArch(), cfg) as ck:
+            for epoch in epochs:
+                ck.save(policy, epoch, force=True)
+    assert _epochs(remote) == [1, 6]
+    assert _epochs(str(tmp_path / "restarted")) == [1]
+
+
+def test_a_remote_resave_leaves_only_the_new_files(tmp_path, policy):
+    from archs import MLPArch
+
+    remote = _memory_remote()
+    cfg = ckptio.CheckpointConfig(remote_uri=remote)
+    for save in (1, 2):
+        with ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg) as ck:
+            ck.save(policy, 1, {"save": save}, {"step": save}, force=True)
+    storage = Storage(remote + "/checkpoints")
+    names = [n for n in storage.listdir() if n.startswith("run.")]
+    assert len(names) == 3 and ckptio.load_from_uri(remote, verify=True).training_metrics == {"save": 2}, names
+
+
+def test_local_retention_never_deletes_what_is_still_uploading(tmp_path, policy, monkeypatch):
+    """keep_last=1 with uploads behind: the local files of every checkpoint in flight stay until uploaded."""
+    import threading
+
+    from archs import MLPArch
+
+    remote = _memory_remote()
+    gate, started = threading.Event(), threading.Event()
+    real = Storage.put_file
+
+    def gated(self, local_path, name, **kw):
+        started.set()
+        assert gate.wait(timeout=60)
+        return real(self, local_path, name, **kw)
+
+    monkeypatch.setattr(Storage, "put_file", gated)
+    cfg = ckptio.CheckpointConfig(keep_last=1, remote_uri=remote, upload_workers=1, upload_max_pending=4,
+                                  upload_coalesce=False)  # fmt: skip
+    ck = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg)
+    ck.save(policy, 1, {"e": 1}, force=True)
+    assert started.wait(timeout=60)  # epoch 1 is under upload, 2 and 3 wait
+    ck.save(policy, 2, {"e": 2}, force=True)
+    ck.save(policy, 3, {"e": 3}, force=True)
+    assert _epochs(str(tmp_path / "run")) == [1, 2, 3]
+    assert all(ckptio.load_from_uri(i.uri, verify=True) for i in ck.manager.list_checkpoints())
+    gate.set()
+    ck.close()
+    assert _epochs(remote) == [3] and _epochs(str(tmp_path / "run")) == [3]
+
+
+def test_an_upload_that_fails_every_attempt_fails_close(tmp_path, policy, monkeypatch):
+    """Each file is tried upload_retries + 1 times; then the checkpoint's upload fails, loudly, at close."""
+    from archs import MLPArch
+
+    remote = _memory_remote()
+    attempts = []
+
+    def refuse(self, local_path, name, **kw):
+        attempts.append(name)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Storage, "put_file", refuse)
+    cfg = ckptio.CheckpointConfig(remote_uri=remote, upload_retries=1, upload_backoff_s=0.0)
+    ck = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg)
+    ck.save(policy, 1, {"e": 1}, force=True)
+    with pytest.raises(ckptio.UploadError, match="after 2 attempts"):
+        ck.close()
+    assert attempts == [attempts[0]] * 2  # the weights (last) are never tried after their sidecar failed
+    assert _epochs(remote) == [] and _epochs(str(tmp_path / "run")) == [1]

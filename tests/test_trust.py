@@ -423,7 +423,9 @@ def test_a_resave_while_the_previous_save_uploads_supersedes_it(tmp_path, monkey
     from archs import MLPArch
 
     remote = f"memory://resave-{uuid.uuid4().hex[:8]}/run"
-    cfg = ckptio.CheckpointConfig(remote_uri=remote, upload_workers=1, upload_retries=1, upload_backoff_s=0.0)
+    uploaded = []
+    cfg = ckptio.CheckpointConfig(remote_uri=remote, upload_workers=1, upload_retries=1, upload_backoff_s=0.0,
+                                  on_uploaded=uploaded.append)  # fmt: skip
     ck = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg)
     gate, started = threading.Event(), threading.Event()
     real = ckptio.storage.Storage.put_file
@@ -443,3 +445,64 @@ def test_a_resave_while_the_previous_save_uploads_supersedes_it(tmp_path, monkey
     ck.close()  # the first upload is superseded by the second, not a failure
     art = ckptio.load_from_uri(remote, verify=True)
     assert art.training_metrics == {"save": 2} and torch.equal(art.state_dict["w"], torch.full((4,), 2.0))
+    assert uploaded == [ck.latest_uri(remote=True)]  # announced once: the superseded upload never is
+
+
+def test_a_trainer_state_file_from_another_save_is_refused(tmp_path, policy):
+    """Each weights header names its own save: a trainer-state file of another save in its place is damage."""
+    run = str(tmp_path / "run")
+    mgr = ckptio.CheckpointManager(run)
+    mgr.save_agent(policy, 1, trainer_state=({"step": torch.tensor([1])}, {}))
+    mine = _sidecar(run, "trainer.safetensors")
+    other = ckptio.CheckpointManager(str(tmp_path / "other"))
+    other.save_agent(policy, 1, trainer_state=({"step": torch.tensor([2])}, {}))
+    with open(_sidecar(str(tmp_path / "other"), "trainer.safetensors"), "rb") as src, open(mine, "wb") as dst:
+        dst.write(src.read())  # a whole, valid trainer-state file: only its save id tells it apart
+    with pytest.raises(ckptio.CorruptCheckpointError, match="not from the save of"):
+        mgr.read_trainer_state(mgr.latest())
+
+
+def test_a_resave_in_the_other_format_deletes_the_old_weights_first(tmp_path, policy, monkeypatch):
+    """A run re-saving an epoch as .pt removes the old .safetensors (which would shadow it) before its sidecars."""
+    run = str(tmp_path / "run")
+    ckptio.CheckpointManager(run).save_agent(policy, 1, {"r": 1}, trainer_state=({"x": torch.ones(2)}, {}))
+    deleted = []
+    real = ckptio.storage.Storage.delete
+
+    def record(self, name, missing_ok=True):
+        deleted.append(name)
+        return real(self, name, missing_ok)
+
+    monkeypatch.setattr(ckptio.storage.Storage, "delete", record)
+    ckptio.CheckpointManager(run, checkpoint_format="pt").save_agent(policy, 1, {"r": 2})
+    assert deleted[0] == "run.e00000001.safetensors" and len(deleted) == 3, deleted
+    assert [f for f in _files(run) if not f.endswith(".metrics.json")] == ["run.e00000001.pt"]
+    assert ckptio.load_from_uri(run).training_metrics == {"r": 2}
+
+
+def test_a_checkpoint_kept_in_the_other_format_keeps_its_sidecars(tmp_path, policy):
+    """Outside a run directory both formats of one base may live side by side (convert beside the source):
+    writing one never removes a file the other names."""
+    base = str(tmp_path / "f" / "p")
+    ckptio.save_policy_artifact(base, policy, None, {"r": 1}, checkpoint_format="pt")
+    ckptio.save_policy_artifact(base, policy, None, {"r": 2})
+    assert ckptio.load_from_uri(base + ".pt").training_metrics == {"r": 1}
+    assert ckptio.load_from_uri(base + ".safetensors").training_metrics == {"r": 2}
+    ckptio.save_policy_artifact(base, policy, None, {"r": 3})  # a re-save replaces only its own format's files
+    assert ckptio.load_from_uri(base + ".pt").training_metrics == {"r": 1}
+    assert ckptio.load_from_uri(base + ".safetensors").training_metrics == {"r": 3}
+    assert len(os.listdir(tmp_path / "f")) == 4
+
+
+@pytest.mark.parametrize("named", ["../p.x.metrics.json", "sub/p.x.metrics.json", "a\\p.metrics.json",
+                                   ".p.metrics.json", "p.e1.weights.json"])  # fmt: skip
+def test_a_header_cannot_name_a_sidecar_outside_its_directory(tmp_path, named):
+    """The weights header names its sidecars: only plain names of sidecar files beside it are followed."""
+    (tmp_path / "sub").mkdir()
+    for where in ("p.x.metrics.json", "sub/p.x.metrics.json", ".p.metrics.json", "p.e1.weights.json"):
+        (tmp_path / where).write_text("{}")
+    meta = {layout.SAVE_ID_KEY: "0123456789ab", layout.METRICS_FILE_KEY: named}
+    with open(tmp_path / "p.safetensors", "wb") as f:
+        ckptio.formats.write_safetensors(f, {"w": torch.ones(2)}, meta)
+    with pytest.raises(ckptio.CorruptCheckpointError, match="not a file beside it"):
+        ckptio.load_from_uri(str(tmp_path / "p.safetensors"))
