@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.ckptio-installed
 
-.PHONY: venv demo test lint format bench bench-quick stress clean
+.PHONY: venv demo test lint format bench bench-quick stress mutate clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ bench: $(STAMP)
 
 stress: $(STAMP)
 	$(PY) -m pytest -q -n auto tests/test_crash.py tests/test_faults.py tests/test_reference.py --stress
+
+# every mutant of tests/mutants.py against the tests it names (outside make test: about 20 minutes here)
+mutate: $(STAMP)
+	$(PY) tests/mutate.py
 
 clean:
 	rm -rf runs bench-out .pytest_cache

@@ -13,7 +13,7 @@ run the mutated code too; bytecode is never written, so a same-size edit within 
 be served from a stale ``.pyc``. Before the mutants, the tests they name run once unmutated: a kill
 means the mutation broke them, not that they were already broken.
 
-killed: the tests failed; survived: they passed; timeout: they ran past ``--timeout`` (counted as
+killed: the tests failed (or could not even be collected); survived: they passed; timeout: they ran past ``--timeout`` (counted as
 killed, and reported, since a mutant that hangs a test is caught by its time bound); error: pytest
 could not run them (a bad test id, exit 5 for no tests), which fails the run.
 """
@@ -90,6 +90,8 @@ def _pytest(workspace: str, tests: list[str], timeout: float, extra: list[str]) 
     if proc.returncode == 1:
         failed = [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith(("FAILED ", "ERROR "))]
         return "killed", seconds, (failed[0] if failed else "")[:160]
+    if proc.returncode in (2, 4) and "not found" not in out:  # the mutant broke collection (an import failed)
+        return "killed", seconds, f"collection failed (pytest exit {proc.returncode})"
     return "error", seconds, f"pytest exit {proc.returncode}: {out[-1500:]}"
 
 
