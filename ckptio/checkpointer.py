@@ -415,7 +415,7 @@ class Checkpointer:
             return None
         if self._closed:
             raise CheckpointError("Checkpointer is closed")
-        uri = self.manager.storage.url(f"{self.manager.base_name(epoch)}.{self.config.checkpoint_format}")
+        uri = self.manager.checkpoint(epoch).uri
         in_background = self.config.async_save if async_ is None else async_
         if is_sharded:
             self.register()  # every rank is here: the master's manifest check reaches them all

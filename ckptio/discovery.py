@@ -10,7 +10,6 @@ import logging
 import math
 import posixpath
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,10 +26,10 @@ from .errors import (
 from .layout import (
     CHECKPOINTS_DIR,
     WEIGHT_EXTENSIONS,
-    CheckpointName,
+    CheckpointInfo,
     LoadedCheckpoint,
+    checkpoint_at,
     load_checkpoint,
-    parse_checkpoint_name,
     read_metrics,
 )
 from .storage import Storage, is_temporary
@@ -57,55 +56,29 @@ LATEST_SUFFIX = ":latest"
 LATEST_RETRIES = 5  # "latest" can be pruned between listing and opening it: list again, this many times
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One committed checkpoint: its weights URI, epoch, format and the storage it lives in."""
-
-    uri: str
-    name: str
-    epoch: int
-    format: str
-    run: str
-    storage: Storage
-
-    @property
-    def base(self) -> str:
-        return self.name.rsplit(".", 1)[0]
-
-    @property
-    def legacy(self) -> bool:
-        """Named by another tool: read and resumed from, never pruned."""
-        parsed = parse_checkpoint_name(self.name)
-        return parsed is not None and parsed.legacy_name is not None
-
-
 def scan(storage: Storage, listing: list[str] | None = None) -> list[CheckpointInfo]:
     """Committed checkpoints in a directory, by epoch (then run name); one per run and epoch, safetensors preferred."""
-    chosen: dict[tuple[int, str], CheckpointName] = {}
+    chosen: dict[tuple[int, str], CheckpointInfo] = {}
     for name in storage.listdir() if listing is None else listing:
         if is_temporary(name) or name.startswith("."):
             continue
-        parsed = parse_checkpoint_name(name)
-        if parsed is not None and "/" in parsed.filename and not storage.exists(parsed.filename):
+        info = checkpoint_at(storage, name)
+        if info is None:
+            continue
+        if "/" in info.name and not storage.exists(info.name):
             continue  # a {run}:v{epoch}/ directory without its weights (yet)
-        if parsed is not None:
-            key = (parsed.epoch, parsed.run)
-            if key not in chosen or parsed > chosen[key]:
-                chosen[key] = parsed
-    return [
-        CheckpointInfo(
-            uri=storage.url(n.filename), name=n.filename, epoch=n.epoch, format=n.fmt, run=n.run, storage=storage
-        )
-        for n in (chosen[k] for k in sorted(chosen))
-    ]
+        key = (info.epoch, info.run)
+        if key not in chosen or info.rank > chosen[key].rank:
+            chosen[key] = info
+    return [chosen[k] for k in sorted(chosen)]
 
 
 def info_of(storage: Storage, name: str) -> CheckpointInfo:
     """The CheckpointInfo of weights file ``name`` in ``storage`` (without listing it)."""
-    parsed = parse_checkpoint_name(name)
-    if parsed is None:
+    info = checkpoint_at(storage, name)
+    if info is None:
         raise CheckpointFormatError(f"{storage.url(name)}: not a checkpoint file name")
-    return CheckpointInfo(storage.url(name), name, parsed.epoch, parsed.fmt, parsed.run, storage)
+    return info
 
 
 def _checkpoint_dir(storage: Storage) -> Storage:
@@ -131,18 +104,19 @@ def resolve(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple
     if stripped.endswith(WEIGHT_EXTENSIONS):
         directory, name = posixpath.split(stripped)
         parent, folder = posixpath.split(directory)
-        legacy = parse_checkpoint_name(f"{folder}/{name}")
-        if legacy is not None and legacy.filename == f"{folder}/{name}":  # {run}:v{epoch}/weights.safetensors
-            return Storage(parent or ".", opts), legacy.filename
+        outer = Storage(parent or ".", opts)
+        legacy = checkpoint_at(outer, f"{folder}/{name}")
+        if legacy is not None and legacy.name == f"{folder}/{name}":  # {run}:v{epoch}/weights.safetensors
+            return outer, legacy.name
         return Storage(directory or ".", opts), name
     storage = Storage(stripped or "/", opts)
     kind = storage.kind()
     parent, folder = posixpath.split(stripped)
-    legacy = parse_checkpoint_name(folder)
-    if kind == "directory" and legacy is not None and "/" in legacy.filename:  # one {run}:v{epoch}/ checkpoint
+    if kind == "directory" and "/" not in folder:  # one {run}:v{epoch}/ checkpoint
         outer = Storage(parent or "/", opts)
-        if outer.exists(legacy.filename):
-            return outer, legacy.filename
+        legacy = checkpoint_at(outer, folder)
+        if legacy is not None and "/" in legacy.name and outer.exists(legacy.name):
+            return outer, legacy.name
     if kind == "directory" or (kind is None and not storage.is_local and storage.listdir()):
         return _checkpoint_dir(storage), None
     directory, base = posixpath.split(stripped)

@@ -22,7 +22,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 import torch
@@ -51,26 +51,31 @@ from .formats import (
     write_safetensors,
 )
 from .storage import Storage, is_network_filesystem
+from .trainer_state import FlatTrainerState
 
 __all__ = [
     "CHECKPOINTS_DIR",
     "MANIFEST_NAME",
-    "CheckpointName",
+    "CheckpointInfo",
     "LoadedCheckpoint",
     "SavedCheckpoint",
     "Sidecars",
+    "base_of",
     "canonical_name",
     "checkpoint_base",
     "delete_checkpoint",
     "fetch_local",
+    "format_of",
     "load_checkpoint",
     "named_parameters",
-    "parse_checkpoint_name",
+    "checkpoint_at",
+    "checkpoint_of",
     "read_metrics",
     "read_pt_training_state",
     "read_trainer_state",
     "state_dict_of",
     "write_checkpoint",
+    "weights_name",
     "write_manifest",
 ]
 
@@ -96,21 +101,43 @@ def directory_digest(storage: Storage) -> str:
     return hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True, order=True)
-class CheckpointName:
+def base_of(weights: str) -> str:
+    """The checkpoint a weights file name belongs to (its sidecars share it): the name less its extension."""
+    return weights.rsplit(".", 1)[0]
+
+
+def format_of(weights: str) -> str:
+    return weights.rsplit(".", 1)[1]
+
+
+def weights_name(base: str, checkpoint_format: str) -> str:
+    return f"{base}.{checkpoint_format}"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint, as its weights file names it: where it is, its run, epoch and format.
+
+    ``name`` is the weights file in ``storage`` (a ``{run}:v{epoch}/`` checkpoint's includes its folder);
+    the checkpoint's other files share its ``base``.
+    """
+
+    uri: str
+    name: str
     epoch: int
-    format_preference: int  # safetensors sorts after pt, so it wins when both exist for one epoch
+    format: str
     run: str
-    fmt: str
-    legacy_name: str | None = field(default=None, compare=False)  # a name another tool wrote, as it is
+    storage: Storage
+    legacy: bool = False  # named by another tool: read and resumed from, never pruned
 
     @property
     def base(self) -> str:
-        return f"{self.run}.e{self.epoch:08d}"
+        return base_of(self.name)
 
     @property
-    def filename(self) -> str:
-        return self.legacy_name or f"{self.base}.{self.fmt}"
+    def rank(self) -> tuple[int, str, int]:
+        """Sort key: by epoch, then run; safetensors after pt, so it wins when both exist for one epoch."""
+        return (self.epoch, self.run, 1 if self.format == "safetensors" else 0)
 
 
 # Names earlier tools wrote, read but never written (':' is unsafe on several filesystems):
@@ -146,23 +173,40 @@ def checkpoint_base(run: str, epoch: int) -> str:
     return f"{sanitize_run_name(run)}.e{check_epoch(epoch):08d}"
 
 
-def parse_checkpoint_name(filename: str) -> CheckpointName | None:
-    """The run, epoch and format a checkpoint's weights name carries: ckptio's own, or a legacy one."""
+def _parse(filename: str) -> tuple[str, int, str, bool] | None:
+    """(run, epoch, format, legacy) a weights file name carries: ckptio's own name, or a legacy one."""
     m = _NAME_RE.match(filename)
     if m:
-        fmt = m["fmt"]
-        return CheckpointName(int(m["epoch"]), 1 if fmt == "safetensors" else 0, m["run"], fmt)
+        return m["run"], int(m["epoch"]), m["fmt"], False
     m = _VERSIONED_RE.match(filename) or _STEP_SCORE_RE.match(filename)
     if m:
-        fmt = filename.rsplit(".", 1)[1]
-        return CheckpointName(int(m["epoch"]), 1 if fmt == "safetensors" else 0, m["run"], fmt, legacy_name=filename)
+        return m["run"], int(m["epoch"]), format_of(filename), True
     directory, _, leaf = filename.partition("/")
     m = _VERSION_DIR_RE.match(directory)
-    if m and leaf in ("", VERSION_DIR_WEIGHTS):
-        return CheckpointName(
-            int(m["epoch"]), 1, m["run"], "safetensors", legacy_name=f"{directory}/{VERSION_DIR_WEIGHTS}"
-        )
+    if m and leaf == VERSION_DIR_WEIGHTS:
+        return m["run"], int(m["epoch"]), "safetensors", True
     return None
+
+
+def checkpoint_at(storage: Storage, filename: str) -> CheckpointInfo | None:
+    """The checkpoint whose weights file is ``filename`` in ``storage``; None if the name is no checkpoint's.
+
+    A legacy ``{run}:v{epoch}`` folder stands for the weights file inside it.
+    """
+    if _VERSION_DIR_RE.match(filename):
+        filename = f"{filename}/{VERSION_DIR_WEIGHTS}"
+    parsed = _parse(filename)
+    if parsed is None:
+        return None
+    run, epoch, fmt, legacy = parsed
+    return CheckpointInfo(storage.url(filename), filename, epoch, fmt, run, storage, legacy)
+
+
+def checkpoint_of(storage: Storage, run: str, epoch: int, checkpoint_format: str) -> CheckpointInfo:
+    """The checkpoint ckptio names ``{run}.e{epoch}`` in ``storage`` (whether or not it exists yet)."""
+    info = checkpoint_at(storage, weights_name(checkpoint_base(run, epoch), check_format(checkpoint_format)))
+    assert info is not None
+    return info
 
 
 def legacy_name_metrics(filename: str) -> dict[str, Any] | None:
@@ -225,7 +269,8 @@ class Sidecars:
     moved: bool = False
 
     @classmethod
-    def of(cls, base: str, metadata: Mapping[str, str], source: str, storage: Storage | None = None) -> Sidecars:
+    def of(cls, weights: str, metadata: Mapping[str, str], source: str, storage: Storage | None = None) -> Sidecars:
+        base = base_of(weights)
         if SAVE_ID_KEY not in metadata:
             return cls(base + METRICS_SUFFIX, None, base + TRAINER_SUFFIX, declared=False)
         metrics, trainer = metadata.get(METRICS_FILE_KEY), metadata.get(TRAINER_FILE_KEY)
@@ -285,19 +330,19 @@ def metrics_payload(training_metrics: Mapping[str, Any], base: str) -> bytes:
 
 def write_checkpoint(
     storage: Storage,
-    base: str,
+    weights: str,
     state_dict: Mapping[str, torch.Tensor],
     *,
     architecture_json: Mapping[str, Any] | None = None,
     epoch: int | None = None,
     training_metrics: Mapping[str, Any] | None = None,
-    trainer_state: tuple[Mapping[str, torch.Tensor], Mapping[str, str]] | None = None,
-    checkpoint_format: str = "safetensors",
+    trainer_state: FlatTrainerState | None = None,
     detach_buffers: bool = True,
     replace_other_format: bool = False,
 ) -> SavedCheckpoint:
-    """Write the sidecars, then the weights file (the commit point), then drop the files it replaced."""
-    check_format(checkpoint_format)
+    """Write weights file ``weights`` (its extension names the format) after its sidecars (the weights are the
+    commit point), then drop the files it replaced."""
+    base, checkpoint_format = base_of(weights), check_format(format_of(weights) if "." in weights else None)
     save_id = uuid.uuid4().hex[:12]
     meta: dict[str, str] = {SAVE_ID_KEY: save_id, SAVED_IN_KEY: directory_digest(storage)}
     if architecture_json is not None:
@@ -317,13 +362,12 @@ def write_checkpoint(
         storage.write(name, lambda f: write_safetensors(f, tensors, {**trainer_meta, SAVE_ID_KEY: save_id}))
         meta[TRAINER_FILE_KEY] = name
         names.append(name)
-    weights = f"{base}.{checkpoint_format}"
     if checkpoint_format == "safetensors":
         uri = storage.write(weights, lambda f: write_safetensors(f, state_dict, meta, detach=detach_buffers))
     else:
         uri = storage.write(weights, lambda f: save_pt(f, state_dict, meta))
     names.append(weights)
-    remove_replaced(storage, base, keep=names, other_formats=replace_other_format)
+    remove_replaced(storage, weights, keep=names, other_formats=replace_other_format)
     return SavedCheckpoint(uri=uri, names=tuple(names))
 
 
@@ -335,11 +379,13 @@ def weights_names(base: str) -> frozenset[str]:
     return frozenset(base + ext for ext in WEIGHT_EXTENSIONS)
 
 
-def files_of(base: str, listing: Iterable[str]) -> list[str]:
-    """The files of checkpoint ``base`` in a listing: weights, sidecars of any save, legacy sidecars.
+def files_of(weights: str, listing: Iterable[str]) -> list[str]:
+    """The files of the checkpoint of weights file ``weights`` in a listing: weights in any format, sidecars of
+    any save, legacy sidecars.
 
     Only names ckptio itself writes: a user's ``model.config.json`` beside ``model.safetensors`` is not one.
     """
+    base = base_of(weights)
     own = weights_names(base) | {base + s for s in (METRICS_SUFFIX, TRAINER_SUFFIX, LEGACY_ARCH_SUFFIX)}
     found = []
     for name in listing:
@@ -355,23 +401,24 @@ def files_of(base: str, listing: Iterable[str]) -> list[str]:
     return found
 
 
-def remove_replaced(storage: Storage, base: str, keep: Iterable[str], *, other_formats: bool = False) -> list[str]:
-    """After a commit: delete the files of ``base`` the committed save does not name (a previous save's).
+def remove_replaced(storage: Storage, saved: str, keep: Iterable[str], *, other_formats: bool = False) -> list[str]:
+    """After a commit of weights file ``saved``: delete its checkpoint's files the save does not name (a previous
+    save's).
 
-    ``other_formats``: also the weights of ``base`` in another format (right in a run directory,
+    ``other_formats``: also the checkpoint's weights in another format (right in a run directory,
     where they would shadow the new save); otherwise those stay, with every sidecar they name.
     """
     keep = set(keep)
-    files = files_of(base, storage.listdir())
-    weights = weights_names(base)
+    files = files_of(saved, storage.listdir())
+    weights = weights_names(base_of(saved))
     if not other_formats:
         for other in [n for n in files if n in weights and n not in keep]:
             keep.add(other)
             try:
-                keep.update(Sidecars.of(base, read_metadata(storage, other), other).names())
+                keep.update(Sidecars.of(other, read_metadata(storage, other), other).names())
             except CheckpointError:
                 pass  # unreadable: nothing it names can be told apart, so its legacy names stay too
-            keep.update(base + s for s in (METRICS_SUFFIX, TRAINER_SUFFIX, LEGACY_ARCH_SUFFIX))
+            keep.update(base_of(saved) + s for s in (METRICS_SUFFIX, TRAINER_SUFFIX, LEGACY_ARCH_SUFFIX))
     stale = [n for n in files if n not in keep]
     # other weights first: until they are gone a reader could still pick them
     stale.sort(key=lambda n: n not in weights)
@@ -406,7 +453,7 @@ def read_metrics(storage: Storage, weights: str, metadata: Mapping[str, str] | N
     """The training metrics saved with weights file ``weights`` (None if it was saved without)."""
     if metadata is None:
         metadata = read_metadata(storage, weights)
-    sidecars = Sidecars.of(weights.rsplit(".", 1)[0], metadata, storage.url(weights), storage)
+    sidecars = Sidecars.of(weights, metadata, storage.url(weights), storage)
     if sidecars.metrics is None:
         return None
     data = _read_optional(storage, sidecars.metrics)
@@ -436,13 +483,13 @@ def read_trainer_state(
     *,
     cache: NodeCache | None = None,
     verify: bool = True,
-) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+) -> FlatTrainerState | None:
     """The trainer-state tensors and metadata saved with ``weights``; None if it was saved without.
 
     Mapped like the weights (a sharded optimizer takes only its ranks' blocks) and, by default,
     checked against its digest: a resume must not continue from a damaged optimizer state.
     """
-    sidecars = Sidecars.of(weights.rsplit(".", 1)[0], metadata, storage.url(weights), storage)
+    sidecars = Sidecars.of(weights, metadata, storage.url(weights), storage)
     name = sidecars.trainer
     if name is None:
         return None
@@ -477,12 +524,12 @@ def read_pt_training_state(storage: Storage, weights: str, cache: NodeCache | No
     return {str(k): v for k, v in obj.items() if k not in (key, "ckptio_metadata")}
 
 
-def architecture_record(storage: Storage, base: str, metadata: Mapping[str, str]) -> tuple[str, Any] | None:
+def architecture_record(storage: Storage, weights: str, metadata: Mapping[str, str]) -> tuple[str, Any] | None:
     """(source, raw JSON) of a checkpoint's architecture: its header, else the run manifest, else a
     legacy sidecar. Nothing is imported: copying or describing a checkpoint needs no code."""
     if "ckptio.architecture" in metadata:
-        return storage.url(base) + " header", metadata["ckptio.architecture"]
-    for name in (MANIFEST_NAME, base + LEGACY_ARCH_SUFFIX):
+        return storage.url(weights) + " header", metadata["ckptio.architecture"]
+    for name in (MANIFEST_NAME, base_of(weights) + LEGACY_ARCH_SUFFIX):
         data = _read_optional(storage, name)
         if data is not None:
             return storage.url(name), data
@@ -490,7 +537,7 @@ def architecture_record(storage: Storage, base: str, metadata: Mapping[str, str]
 
 
 def resolve_architecture(
-    storage: Storage, base: str, metadata: Mapping[str, str], explicit: Any, allow: Iterable[str]
+    storage: Storage, weights: str, metadata: Mapping[str, str], explicit: Any, allow: Iterable[str]
 ) -> Any:
     """Explicit argument, else the architecture record built through the import allow-list.
 
@@ -498,7 +545,7 @@ def resolve_architecture(
     nothing, so the load goes on, and building the module raises why."""
     if explicit is not None:
         return explicit
-    found = architecture_record(storage, base, metadata)
+    found = architecture_record(storage, weights, metadata)
     return None if found is None else architecture_or_record(found[1], allow=allow, source=found[0])
 
 
@@ -562,8 +609,8 @@ def epoch_of(name: str, metadata: Mapping[str, str]) -> int | None:
     epoch_s = metadata.get("ckptio.epoch")
     if epoch_s and epoch_s.isdigit():
         return int(epoch_s)
-    parsed = parse_checkpoint_name(name)
-    return parsed.epoch if parsed else None
+    parsed = _parse(name)
+    return parsed[1] if parsed else None
 
 
 @dataclass(frozen=True)
@@ -591,7 +638,7 @@ def cache_checkpoint(storage: Storage, name: str, cache: NodeCache | None) -> No
     if storage.is_local:
         return
     local = fetch_local(storage, name, cache)
-    trainer = Sidecars.of(name.rsplit(".", 1)[0], read_metadata(storage, name, local), storage.url(name)).trainer
+    trainer = Sidecars.of(name, read_metadata(storage, name, local), storage.url(name)).trainer
     if trainer is not None and storage.exists(trainer):
         fetch_local(storage, trainer, cache)
 
@@ -620,16 +667,15 @@ def load_checkpoint(
     metrics = read_metrics(storage, name, metadata) if with_metrics else None
     if verify:
         read_trainer_state(storage, name, metadata, cache=cache, verify=True)
-    arch = resolve_architecture(storage, name.rsplit(".", 1)[0], metadata, policy_architecture, allow)
+    arch = resolve_architecture(storage, name, metadata, policy_architecture, allow)
     return LoadedCheckpoint(source, obj, metadata, metrics, arch, epoch_of(name, metadata))
 
 
 def delete_checkpoint(storage: Storage, name: str, listing: list[str] | None = None) -> None:
     """Delete a checkpoint: its weights first (it vanishes at once), then every other file of it."""
     storage.delete(name)
-    base = name.rsplit(".", 1)[0]
-    names = files_of(base, storage.listdir() if listing is None else listing)
-    names.sort(key=lambda n: n not in weights_names(base))
+    names = files_of(name, storage.listdir() if listing is None else listing)
+    names.sort(key=lambda n: n not in weights_names(base_of(name)))
     for other in names:
         if other != name:
             storage.delete(other)

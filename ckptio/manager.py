@@ -36,7 +36,7 @@ from .layout import (
     cache_checkpoint,
     check_epoch,
     check_format,
-    checkpoint_base,
+    checkpoint_of,
     delete_checkpoint,
     fetch_local,
     load_checkpoint,
@@ -46,11 +46,12 @@ from .layout import (
     remove_replaced,
     sanitize_run_name,
     state_dict_of,
+    weights_name,
     write_checkpoint,
     write_manifest,
 )
 from .storage import Storage
-from .trainer_state import unflatten
+from .trainer_state import FlatTrainerState, unflatten
 from .version import __version__
 
 __all__ = ["CheckpointManager", "save_policy_artifact"]
@@ -107,8 +108,9 @@ class CheckpointManager:
     def checkpoint_dir(self) -> str:
         return self.storage.url()
 
-    def base_name(self, epoch: int) -> str:
-        return checkpoint_base(self.run_name, epoch)
+    def checkpoint(self, epoch: int) -> CheckpointInfo:
+        """The checkpoint this run names for ``epoch`` (whether or not it is saved yet)."""
+        return checkpoint_of(self.storage, self.run_name, epoch, self.checkpoint_format)
 
     def save_checkpoint(
         self,
@@ -117,7 +119,7 @@ class CheckpointManager:
         training_metrics: Mapping[str, Any] | None = None,
         *,
         policy_architecture: Any = None,
-        trainer_state: tuple[Mapping[str, torch.Tensor], Mapping[str, str]] | None = None,
+        trainer_state: FlatTrainerState | None = None,
         protect: Iterable[str] = (),
         prune: bool = True,
     ) -> SavedCheckpoint:
@@ -126,7 +128,7 @@ class CheckpointManager:
         A failure raises CheckpointSaveError (also an OSError when the cause is one); what was
         committed before stays as it was.
         """
-        base = self.base_name(epoch)
+        target = self.checkpoint(epoch)
         state = state_dict_of(policy)
         arch_json = architecture_to_json(policy_architecture) if policy_architecture is not None else None
         try:
@@ -137,13 +139,12 @@ class CheckpointManager:
             step = "writing"
             saved = write_checkpoint(
                 self.storage,
-                base,
+                target.name,
                 state,
                 architecture_json=arch_json,
                 epoch=epoch,
                 training_metrics=training_metrics,
                 trainer_state=trainer_state,
-                checkpoint_format=self.checkpoint_format,
                 replace_other_format=True,  # in a run directory the old format would shadow this save
             )
             self.last_saved = saved.weights
@@ -153,7 +154,7 @@ class CheckpointManager:
         except (CheckpointFormatError, InvalidArgumentError, CheckpointSecurityError):
             raise  # the caller's input, not a failed write
         except Exception as e:
-            raise save_failed(self.storage.url(f"{base}.{self.checkpoint_format}"), step, e) from e
+            raise save_failed(target.uri, step, e) from e
         return saved
 
     def save_agent(
@@ -163,7 +164,7 @@ class CheckpointManager:
         training_metrics: Mapping[str, Any] | None = None,
         *,
         policy_architecture: Any = None,
-        trainer_state: tuple[Mapping[str, torch.Tensor], Mapping[str, str]] | None = None,
+        trainer_state: FlatTrainerState | None = None,
         protect: Iterable[str] = (),
         prune: bool = True,
     ) -> str:
@@ -227,7 +228,7 @@ class CheckpointManager:
 
     def read_trainer_state(
         self, info: CheckpointInfo, cache: NodeCache | None = None, metadata: Mapping[str, str] | None = None
-    ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    ) -> FlatTrainerState | None:
         """The trainer state saved with a checkpoint (digest checked); None if it was saved without."""
         if metadata is None:
             metadata = read_metadata(info.storage, info.name, local_path=fetch_local(info.storage, info.name, cache))
@@ -280,7 +281,7 @@ class CheckpointManager:
 
     def remove_replaced(self, saved: SavedCheckpoint) -> list[str]:
         """The files a re-save of the same epoch replaced (another copy's commit point moved on)."""
-        return remove_replaced(self.storage, saved.weights.rsplit(".", 1)[0], keep=saved.names, other_formats=True)
+        return remove_replaced(self.storage, saved.weights, keep=saved.names, other_formats=True)
 
     # -- the manifest ----------------------------------------------------------------------------
     def ensure_manifest(self, architecture: Any) -> str | None:
@@ -329,11 +330,10 @@ def save_policy_artifact(
     arch_json = architecture_to_json(policy_architecture) if policy_architecture is not None else None
     return write_checkpoint(
         storage,
-        base,
+        weights_name(base, check_format(checkpoint_format)),
         state_dict_of(policy),
         architecture_json=arch_json,
         epoch=check_epoch(epoch) if epoch is not None else None,
         training_metrics=training_metrics,
-        checkpoint_format=checkpoint_format,
         detach_buffers=detach_buffers,
     ).uri

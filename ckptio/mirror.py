@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .layout import SavedCheckpoint
+from .layout import SavedCheckpoint, base_of
 from .manager import CheckpointManager
 from .upload import Uploader, UploadJob
 
@@ -54,7 +54,7 @@ class RemoteMirror:
     def submit(self, saved: SavedCheckpoint) -> None:
         if self.uploader is None:
             self.uploader = Uploader(on_uploaded=self._after_upload, **self.uploader_options)
-        label = saved.weights.rsplit(".", 1)[0]
+        label = base_of(saved.weights)
         self.uploader.submit(UploadJob(self.local.storage, self.remote.storage, list(saved.names), label=label))
 
     def prune_local(self) -> list[str]:

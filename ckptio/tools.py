@@ -35,9 +35,10 @@ from .layout import (
     WEIGHT_EXTENSIONS,
     Sidecars,
     architecture_record,
-    checkpoint_base,
+    checkpoint_of,
     epoch_of,
     files_of,
+    format_of,
     open_weights,
     read_metadata,
     read_metrics,
@@ -67,12 +68,8 @@ def export(src: str, dst: str, *, storage_options: Mapping[str, Any] | None = No
     with typed_io(src, "reading"):
         storage, name = locate(src, storage_options)
         metadata = read_metadata(storage, name)
-        sidecars = Sidecars.of(name.rsplit(".", 1)[0], metadata, storage.url(name))
-        record = (
-            None
-            if "ckptio.architecture" in metadata
-            else architecture_record(storage, name.rsplit(".", 1)[0], metadata)
-        )
+        sidecars = Sidecars.of(name, metadata, storage.url(name))
+        record = None if "ckptio.architecture" in metadata else architecture_record(storage, name, metadata)
     directory, leaf = posixpath.split(dst) if not dst.endswith("/") else (dst.rstrip("/"), posixpath.basename(name))
     if posixpath.splitext(leaf)[1] != posixpath.splitext(name)[1]:
         raise CheckpointFormatError(
@@ -123,7 +120,7 @@ def _converted(storage: Storage, name: str, trusted: bool) -> dict[str, Any]:
         extras = read_pt_training_state(storage, name)  # a .pt training checkpoint's optimizer, scheduler...
         if extras:
             trainer = flatten({"user": extras, "epoch": epoch})  # what resuming the .pt itself would give
-    record = architecture_record(storage, name.rsplit(".", 1)[0], metadata)
+    record = architecture_record(storage, name, metadata)
     arch_json = None
     if record is not None:
         try:
@@ -156,11 +153,10 @@ def convert(src: str, dst: str, *, trusted: bool = False, storage_options: Mappi
         c = _converted(storage, name, trusted)
     directory, out_name = posixpath.split(dst)
     out = Storage(directory or ".", dict(storage_options or {}))
-    base, fmt = out_name.rsplit(".", 1)
     try:
         return write_checkpoint(
-            out, base, c["state"], architecture_json=c["arch_json"], epoch=c["epoch"],
-            training_metrics=c["metrics"], trainer_state=c["trainer"], checkpoint_format=fmt,
+            out, out_name, c["state"], architecture_json=c["arch_json"], epoch=c["epoch"],
+            training_metrics=c["metrics"], trainer_state=c["trainer"],
         ).uri  # fmt: skip
     except (CheckpointFormatError, InvalidArgumentError):
         raise
@@ -186,10 +182,10 @@ def _convert_run(src: str, dst: str, trusted: bool, storage_options: Mapping[str
             c = _converted(storage, info.name, trusted)
         if c["epoch"] is None:
             raise CheckpointFormatError(f"{info.uri}: no epoch in its name or header to name the converted copy")
-        target = out.url(checkpoint_base(run, c["epoch"]) + ".safetensors")
+        target = checkpoint_of(out, run, c["epoch"], "safetensors")
         try:
             write_checkpoint(
-                out, checkpoint_base(run, c["epoch"]), c["state"], architecture_json=c["arch_json"],
+                out, target.name, c["state"], architecture_json=c["arch_json"],
                 epoch=c["epoch"], training_metrics=c["metrics"], trainer_state=c["trainer"],
             )  # fmt: skip
             if not manifest_written and c["arch_json"] is not None:
@@ -198,7 +194,7 @@ def _convert_run(src: str, dst: str, trusted: bool, storage_options: Mapping[str
         except (CheckpointFormatError, InvalidArgumentError):
             raise
         except Exception as e:
-            raise save_failed(target, "converting " + info.uri, e) from e
+            raise save_failed(target.uri, "converting " + info.uri, e) from e
     return out.url()
 
 
@@ -225,7 +221,7 @@ def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = Non
         architecture = arch_raw
     return {
         "uri": storage.url(name),
-        "format": name.rsplit(".", 1)[1],
+        "format": format_of(name),
         "epoch": epoch_of(name, metadata),
         "tensor_count": len(tensors),
         "total_bytes": sum(t.numel() * t.element_size() for t in unique.values()),
@@ -234,7 +230,7 @@ def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = Non
         "architecture": architecture,
         "digest": metadata.get("ckptio.crc32"),
         "weights_key": metadata.get("ckptio.pt_key"),  # a .pt training checkpoint: the entry the weights came from
-        "files": [storage.url(n) for n in [*Sidecars.of(name.rsplit(".", 1)[0], metadata, name).names(), name]
+        "files": [storage.url(n) for n in [*Sidecars.of(name, metadata, name).names(), name]
                   if storage.exists(n)],
     }  # fmt: skip
 
@@ -295,7 +291,7 @@ def verify_checkpoint(storage: Storage, name: str) -> list[VerifyResult]:
     results = [weights]
     if metadata is None:
         return results
-    sidecars = Sidecars.of(name.rsplit(".", 1)[0], metadata, weights.uri, storage)
+    sidecars = Sidecars.of(name, metadata, weights.uri, storage)
     if sidecars.moved:  # a copy: what is not beside it is not there to check (nor damage)
         results += [
             VerifyResult(storage.url(n), "unverified", "saved with this checkpoint; not beside this copy")
@@ -343,7 +339,7 @@ def verify(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[V
         raise CheckpointNotFoundError(f"{uri}: no checkpoints in this directory")
     results = [r for n in names for r in verify_checkpoint(storage, n)]
     covered = {posixpath.basename(r.uri) for r in results} | {MANIFEST_NAME}
-    covered |= {other for n in names for other in files_of(n.rsplit(".", 1)[0], listing)}  # replaced saves' files
+    covered |= {other for n in names for other in files_of(n, listing)}  # replaced saves' files
     for other in sorted(set(listing) - covered):
         if not _hidden(other) and "/" not in other and storage.kind(other) != "directory":
             what = ORPHAN if other.endswith(sidecar) else "not a file of any checkpoint here; not checked"

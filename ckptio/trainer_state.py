@@ -17,12 +17,15 @@ import torch
 
 from .errors import CheckpointFormatError, CorruptCheckpointError
 
-__all__ = ["capture_rng_state", "flatten", "restore_rng_state", "unflatten"]
+__all__ = ["FlatTrainerState", "capture_rng_state", "flatten", "restore_rng_state", "unflatten"]
 
 _STRUCTURE_KEY = "ckptio.trainer_structure"
 
+# a trainer-state tree as a checkpoint stores it: its tensors, and the metadata holding its structure
+FlatTrainerState = tuple[Mapping[str, torch.Tensor], Mapping[str, str]]
 
-def flatten(tree: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+
+def flatten(tree: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # a FlatTrainerState
     """(tensors, metadata) for a nested trainer-state tree; metadata holds the JSON structure."""
     tensors: dict[str, torch.Tensor] = {}
 

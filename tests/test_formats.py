@@ -63,6 +63,12 @@ def test_keys_keep_state_dict_order_and_tensors_are_aligned(tmp_path):
     assert list(loaded) == list(sd)
     for t in loaded.values():
         assert t.data_ptr() % t.element_size() == 0
+    # laid out aligned in the file, so that loading maps them rather than copying the misaligned ones
+    with open(tmp_path / "o.safetensors", "rb") as f:
+        hdr = ckptio.formats.read_header(f, os.path.getsize(tmp_path / "o.safetensors"), "o")
+    assert hdr.data_start % 8 == 0
+    for key, (dtype, _, begin, _) in hdr.entries.items():
+        assert begin % dtype.itemsize == 0, key
 
 
 def test_empty_scalar_noncontiguous_and_many_tensors(tmp_path):

@@ -234,6 +234,13 @@ def test_header_bound_is_the_reference_bound(tmp_path):
     assert _reference(str(path))[0] == "error"
     with pytest.raises(ckptio.CorruptCheckpointError, match="exceeds"):
         ckptio.load_from_uri(str(path))
+    # a header of exactly the bound is a valid file for both (JSON allows the trailing spaces)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", MAX_HEADER_BYTES) + b"{}")
+        f.write(b" " * (MAX_HEADER_BYTES - 2))
+    assert _reference(str(path))[0] == "ok"
+    assert _ckptio(str(path)) == ("ok", {}, {})
+    path.unlink()
     # the writer refuses to make a header the reference would refuse
     many = {f"{'k' * 200}{i}": torch.empty(0) for i in range(400_000)}
     with pytest.raises(ckptio.CheckpointFormatError, match="exceeds the 100000000-byte"):

@@ -160,7 +160,7 @@ def _same_save(weights_path):
 
     directory = os.path.dirname(weights_path)
     meta = ckptio.formats.read_header(open(weights_path, "rb"), os.path.getsize(weights_path), "").metadata
-    sidecars = Sidecars.of(os.path.basename(weights_path).rsplit(".", 1)[0], meta, weights_path)
+    sidecars = Sidecars.of(os.path.basename(weights_path), meta, weights_path)
     with open(os.path.join(directory, sidecars.metrics), "rb") as f:
         metrics = f.read()
     return content(weights_path), content(os.path.join(directory, sidecars.trainer)), metrics

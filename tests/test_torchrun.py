@@ -138,11 +138,12 @@ def test_teacher_from_file_uri_and_mock(tmp_path, teacher):
     assert ckptio.latest(str(tmp_path / "s")).epoch == 1
 
 
-@pytest.mark.parametrize("attempt", range(4))
-def test_ranks_leave_together_at_close_without_a_barrier_of_their_own(tmp_path, attempt):
-    """close() is collective: no rank destroys the group while the master still writes (repeated)."""
-    out = run_torchrun("leave_job", str(tmp_path / "run"), timeout=180)
-    assert out.stdout.count(f"latest after close {3}") == 2, out.stdout
+@pytest.mark.parametrize("attempt", range(2))
+def test_ranks_leave_together_at_close_without_a_barrier_of_their_own(tmp_path, attempt, request):
+    """close() is collective: no rank destroys the group while the master still writes (2 runs, 8 with --stress)."""
+    for i in range(4 if request.config.getoption("--stress") else 1):
+        out = run_torchrun("leave_job", str(tmp_path / f"run{i}"), timeout=180)
+        assert out.stdout.count(f"latest after close {3}") == 2, out.stdout
 
 
 @pytest.mark.parametrize(
