@@ -2,7 +2,8 @@
 
 Where each concern lives (data flows down this list, never up):
 
-- ``checkpointer``  Checkpointer: rank coordination in a training loop (who writes, what every rank resumes from)
+- ``checkpointer``  Checkpointer: rank coordination in a training loop (who writes, what every rank resumes from);
+  ``config`` its CheckpointConfig
 - ``async_save``    AsyncSaver: snapshot on the caller's thread, the synchronous save on a worker
 - ``mirror``        RemoteMirror: local checkpoints copied to object storage, retention on both copies
 - ``upload``        Uploader: background upload threads, retries, coalescing
@@ -27,7 +28,8 @@ from .architecture import (
     register_architecture,
 )
 from .artifact import MockArchitecture, MockPolicy, PolicyArtifact
-from .checkpointer import CheckpointConfig, Checkpointer
+from .checkpointer import Checkpointer
+from .config import CheckpointConfig
 from .discovery import (
     CheckpointInfo,
     latest,

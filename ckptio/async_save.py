@@ -1,9 +1,9 @@
 """Asynchronous saving as a wrapper around a synchronous save.
 
-The caller's thread only snapshots tensors into CPU buffers (reused from save to save); the
-synchronous save runs on a worker thread. At most one save is in flight, and a background
-failure is raised by the next call (``wait``, the next save, or close), as Lightning's
-``AsyncCheckpointIO`` wraps any ``CheckpointIO``.
+``save(write, ...)`` runs the synchronous ``write`` now or on a worker thread; for a background
+save the caller's thread first snapshots tensors into CPU buffers (reused from save to save). At
+most one save is in flight, and a background failure is raised by the next call (``wait``, the
+next save, or close), as Lightning's ``AsyncCheckpointIO`` wraps any ``CheckpointIO``.
 """
 
 from __future__ import annotations
@@ -56,10 +56,13 @@ class AsyncSaver:
             torch.cuda.synchronize()  # the copies must have landed before the caller's next step
         return out
 
-    def start(self, save: Callable[..., None], *args: Any) -> None:
-        """Run ``save(*args)`` on the worker thread (after the previous save; its error raises here)."""
+    def save(self, write: Callable[..., None], *args: Any, background: bool) -> None:
+        """``write(*args)``, after the save in flight (whose error raises here): now, or on the worker thread."""
         self.wait()
-        self._thread = threading.Thread(target=self._run, args=(save, *args), name="ckptio-save", daemon=True)
+        if not background:
+            write(*args)
+            return
+        self._thread = threading.Thread(target=self._run, args=(write, *args), name="ckptio-save", daemon=True)
         self._thread.start()
 
     def _run(self, save: Callable[..., None], *args: Any) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from .layout import (
     checkpoint_at,
     load_checkpoint,
     read_metrics,
+    weights_name,
 )
 from .storage import Storage, is_temporary
 
@@ -43,6 +44,7 @@ __all__ = [
     "latest",
     "list_checkpoints",
     "load_from_uri",
+    "load_latest",
     "load_policy_artifact",
     "locate",
     "resolve",
@@ -121,9 +123,9 @@ def resolve(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple
         return _checkpoint_dir(storage), None
     directory, base = posixpath.split(stripped)
     parent = Storage(directory or ".", opts)
-    for ext in WEIGHT_EXTENSIONS:  # a base path without extension
-        if parent.exists(base + ext):
-            return parent, base + ext
+    for fmt in ("safetensors", "pt"):  # a base path without extension
+        if parent.exists(weights_name(base, fmt)):
+            return parent, weights_name(base, fmt)
     if kind == "file":
         raise CheckpointFormatError(f"{uri}: not a checkpoint file (a checkpoint ends in .safetensors or .pt)")
     raise CheckpointNotFoundError(f"{uri}: no such checkpoint file or directory")
@@ -244,13 +246,19 @@ def load_from_uri(
         storage, name = resolve(uri, storage_options)
         if name is not None:
             return artifact_of(load_checkpoint(storage, name, **kwargs))
-        for attempt in range(LATEST_RETRIES):
-            info = latest(storage.url(), storage_options)
-            try:
-                return artifact_of(load_checkpoint(info.storage, info.name, **kwargs))
-            except CheckpointNotFoundError:
-                if attempt == LATEST_RETRIES - 1:
-                    raise
+        return load_latest(lambda: latest(storage.url(), storage_options), **kwargs)
+
+
+def load_latest(find: Callable[[], CheckpointInfo], **kwargs: Any) -> PolicyArtifact:
+    """Load the checkpoint ``find()`` names as the latest; if retention deleted it between the listing and the
+    load, list again (``LATEST_RETRIES`` times)."""
+    for attempt in range(LATEST_RETRIES):
+        info = find()
+        try:
+            return artifact_of(load_checkpoint(info.storage, info.name, **kwargs))
+        except CheckpointNotFoundError:
+            if attempt == LATEST_RETRIES - 1:
+                raise
     raise AssertionError("unreachable")
 
 

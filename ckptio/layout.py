@@ -58,6 +58,7 @@ __all__ = [
     "MANIFEST_NAME",
     "CheckpointInfo",
     "LoadedCheckpoint",
+    "PendingSave",
     "SavedCheckpoint",
     "Sidecars",
     "base_of",
@@ -326,6 +327,31 @@ def metrics_payload(training_metrics: Mapping[str, Any], base: str) -> bytes:
         return json.dumps(dict(training_metrics), indent=1, sort_keys=True).encode()
     except (TypeError, ValueError) as e:
         raise CheckpointFormatError(f"training_metrics for {base} are not JSON-serializable: {e}") from e
+
+
+@dataclass(frozen=True)
+class PendingSave:
+    """What one save writes: the checkpoint it names, its weights, training metrics and trainer state."""
+
+    checkpoint: CheckpointInfo
+    weights: Mapping[str, Any]  # tensors; sharded ones (DTensor) until gathered, lazily gathered ones while written
+    metrics: Mapping[str, Any] | None = None
+    trainer: FlatTrainerState | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.checkpoint.epoch
+
+    def copied(self, copy: Any = None) -> PendingSave:
+        """This save as of now: tensors through ``copy(tensors, prefix)`` (a background save's snapshot, if
+        given) and metrics frozen through their JSON form, so the caller may go on changing its own."""
+        metrics = self.metrics
+        if metrics is not None:
+            metrics = json.loads(metrics_payload(metrics, self.checkpoint.base))
+        if copy is None:
+            return PendingSave(self.checkpoint, self.weights, metrics, self.trainer)
+        trainer = (copy(self.trainer[0], "t."), self.trainer[1]) if self.trainer is not None else None
+        return PendingSave(self.checkpoint, copy(self.weights, "w."), metrics, trainer)
 
 
 def write_checkpoint(

@@ -18,8 +18,9 @@ import torch
 from .architecture import architecture_to_json, architectures_equal
 from .artifact import PolicyArtifact
 from .cache import NodeCache
-from .discovery import LATEST_RETRIES, CheckpointInfo, best, info_of, list_checkpoints, load_from_uri, scan
+from .discovery import CheckpointInfo, best, list_checkpoints, load_from_uri, load_latest, scan
 from .errors import (
+    ArchitectureError,
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -31,19 +32,15 @@ from .errors import (
 from .layout import (
     CHECKPOINTS_DIR,
     MANIFEST_NAME,
-    LoadedCheckpoint,
     SavedCheckpoint,
-    cache_checkpoint,
     check_epoch,
     check_format,
     checkpoint_of,
     delete_checkpoint,
     fetch_local,
-    load_checkpoint,
     read_metadata,
     read_pt_training_state,
     read_trainer_state,
-    remove_replaced,
     sanitize_run_name,
     state_dict_of,
     weights_name,
@@ -54,7 +51,7 @@ from .storage import Storage
 from .trainer_state import FlatTrainerState, unflatten
 from .version import __version__
 
-__all__ = ["CheckpointManager", "save_policy_artifact"]
+__all__ = ["CheckpointManager", "retention", "save_policy_artifact"]
 
 log = logging.getLogger("ckptio")
 
@@ -185,10 +182,6 @@ class CheckpointManager:
             return list_checkpoints(uri, self.storage_options)
         return [i for i in scan(self.storage) if i.run == self.run_name]
 
-    def info(self, name: str) -> CheckpointInfo:
-        """The CheckpointInfo of weights file ``name`` in this run's directory (without listing it)."""
-        return info_of(self.storage, name)
-
     def latest(self, uri: str | None = None) -> CheckpointInfo:
         """This run's newest checkpoint by epoch (any directory's, when ``uri`` is given); raises if none."""
         found = self.list_checkpoints(uri)
@@ -205,26 +198,10 @@ class CheckpointManager:
     def load_from_uri(self, uri: str | None = None, policy_architecture: Any = None, **kwargs: Any) -> PolicyArtifact:
         """Load a checkpoint (default: this run's latest)."""
         kwargs.setdefault("storage_options", self.storage_options)
-        if uri is None:
-            for attempt in range(LATEST_RETRIES):  # pruned between listing and opening: list again
-                info = self.latest()
-                try:
-                    return load_from_uri(info.uri, policy_architecture, **kwargs)
-                except CheckpointNotFoundError:
-                    if attempt == LATEST_RETRIES - 1:
-                        raise
-        return load_from_uri(uri, policy_architecture, **kwargs)
-
-    # -- what a resume reads (the Checkpointer decides which rank calls these) -------------------------
-    def cache_checkpoint(self, info: CheckpointInfo, cache: NodeCache) -> None:
-        """Download a remote checkpoint's weights and trainer state into the node cache (no-op if local)."""
-        cache_checkpoint(info.storage, info.name, cache)
-
-    def read_checkpoint(
-        self, info: CheckpointInfo, cache: NodeCache | None = None, *, policy_architecture: Any = None, **kwargs: Any
-    ) -> LoadedCheckpoint:
-        """Read a checkpoint's weights, metadata and architecture (through the node cache when remote)."""
-        return load_checkpoint(info.storage, info.name, policy_architecture=policy_architecture, cache=cache, **kwargs)
+        if uri is not None:
+            return load_from_uri(uri, policy_architecture, **kwargs)
+        kwargs.pop("storage_options")
+        return load_latest(self.latest, policy_architecture=policy_architecture, **kwargs)
 
     def read_trainer_state(
         self, info: CheckpointInfo, cache: NodeCache | None = None, metadata: Mapping[str, str] | None = None
@@ -234,9 +211,36 @@ class CheckpointManager:
             metadata = read_metadata(info.storage, info.name, local_path=fetch_local(info.storage, info.name, cache))
         return read_trainer_state(info.storage, info.name, metadata, cache=cache)
 
-    def read_pt_training_state(self, info: CheckpointInfo, cache: NodeCache | None = None) -> dict[str, Any] | None:
-        """A .pt training checkpoint's entries beside its weights (its optimizer, epoch...); None for other files."""
-        return read_pt_training_state(info.storage, info.name, cache)
+    def read_resume_state(
+        self, info: CheckpointInfo, cache: NodeCache | None, metadata: Mapping[str, str], *, allow_missing: bool
+    ) -> tuple[Any, Any, list[Any]]:
+        """What a resume restores besides the weights: (the user's trainer state, the FQN-keyed optimizer state,
+        each rank's RNG state). A missing or damaged trainer-state file raises, unless ``allow_missing`` (a
+        warning, and nothing restored); a .pt training checkpoint gives its optimizer and the rest as they are."""
+        try:
+            with typed_io(info.uri, "reading the trainer state"):
+                raw = self.read_trainer_state(info, cache, metadata)
+        except CheckpointNotFoundError:
+            raise
+        except CheckpointError as e:
+            if not allow_missing:
+                raise type(e)(
+                    f"{e}; refusing to resume with a fresh optimizer and RNG state "
+                    "(CheckpointConfig(resume_without_trainer_state=True) allows it)"
+                ) from e
+            log.warning("resuming %s without its trainer state: %s", info.uri, e)
+            raw = None
+        if raw is not None:
+            tree = unflatten(*raw, source=info.storage.url(info.base))
+            return tree.get("user"), tree.get("optimizer"), tree.get("rng") or []
+        if metadata.get("ckptio.pt_key"):
+            # a .pt training checkpoint from before ckptio: its optimizer (keyed by parameter index, as
+            # torch's optimizer.state_dict() keys it) and the rest reach the trainer state as they are
+            with typed_io(info.uri, "reading the training checkpoint's optimizer"):
+                extras = read_pt_training_state(info.storage, info.name, cache)
+            log.info("%s: trainer state from the .pt training checkpoint: %s", info.uri, sorted(extras or {}))
+            return extras, None, []
+        return None, None, []
 
     def load_trainer_state(self, info: CheckpointInfo | None = None, cache: NodeCache | None = None) -> Any:
         """The trainer state saved with a checkpoint (default: the latest), as the nested structure it was saved
@@ -246,51 +250,32 @@ class CheckpointManager:
         return None if raw is None else unflatten(*raw, source=info.uri)
 
     # -- retention -------------------------------------------------------------------------------
-    def retained(self, infos: list[CheckpointInfo], protect: Iterable[str] = ()) -> set[str]:
-        """Names retention keeps: the newest, the last N, the best k, this process's last save, anything protected."""
-        if not infos:
-            return set()
-        keep = {infos[-1].name} | set(protect)
-        if self.last_saved is not None:
-            keep.add(self.last_saved)
-        if self.keep_last is None and self.keep_best is None:
-            return {i.name for i in infos}
-        if self.keep_last is not None:
-            keep |= {i.name for i in infos[-self.keep_last :]}
-        if self.keep_best is not None:
-            metric, mode, k = self.keep_best
-            keep |= {i.name for i in best(infos, metric, mode, k, strict=False)}
-        return keep
-
     def prune(self, protect: Iterable[str] = ()) -> list[str]:
         """Delete this run's checkpoints that retention does not keep; returns their URIs."""
         listing = self.storage.listdir()
         infos = [i for i in scan(self.storage, listing) if i.run == self.run_name]
-        keep = self.retained(infos, protect)
-        deleted = []
-        for info in infos:
-            if info.name in keep or info.legacy:
-                continue  # checkpoints other tools wrote are read and resumed from, never pruned
+        ranked = None
+        if self.keep_best is not None and infos:
+            metric, mode, k = self.keep_best
+            ranked = best(infos, metric, mode, k, strict=False)  # unreadable metrics rank nowhere; never fail a save
+        protected = {*protect, *([self.last_saved] if self.last_saved is not None else [])}
+        doomed = retention(infos, protected=protected, keep_last=self.keep_last, best=ranked)
+        for info in doomed:
             self.delete(info, listing)
-            deleted.append(info.uri)
-        return deleted
+        return [i.uri for i in doomed]
 
     def delete(self, info: CheckpointInfo, listing: list[str] | None = None) -> None:
         """Delete a checkpoint: its weights first (it vanishes at once), then every other file of it."""
         delete_checkpoint(info.storage, info.name, listing)
 
-    def remove_replaced(self, saved: SavedCheckpoint) -> list[str]:
-        """The files a re-save of the same epoch replaced (another copy's commit point moved on)."""
-        return remove_replaced(self.storage, saved.weights, keep=saved.names, other_formats=True)
-
     # -- the manifest ----------------------------------------------------------------------------
-    def ensure_manifest(self, architecture: Any) -> str | None:
-        """Write the run's write-once manifest if absent; a message if it names another architecture."""
+    def ensure_manifest(self, architecture: Any) -> None:
+        """Write the run's write-once manifest if absent; ArchitectureError if it names another architecture."""
         arch_json = architecture_to_json(architecture)
         target = self.storage.url(MANIFEST_NAME)
         try:
             if write_manifest(self.storage, arch_json, __version__):
-                return None
+                return
         except CheckpointError:
             raise
         except Exception as e:
@@ -300,15 +285,34 @@ class CheckpointManager:
         try:
             existing = json.loads(existing_raw)
         except ValueError as e:
-            return f"{target}: manifest is not valid JSON: {e}"
+            raise ArchitectureError(f"{target}: manifest is not valid JSON: {e}") from None
         if not isinstance(existing, dict) or not architectures_equal(existing, arch_json):
             shown = {k: existing.get(k) for k in ("class_path", "config")} if isinstance(existing, dict) else existing
-            return (
+            raise ArchitectureError(
                 f"{target}: this run was created with architecture {json.dumps(shown)}"
                 f" but this job uses {json.dumps(arch_json)}; refusing to resume into a different model "
                 "(use a new run directory)"
             )
-        return None
+
+
+def retention(
+    infos: list[CheckpointInfo],
+    *,
+    protected: Iterable[str] = (),
+    keep_last: int | None = None,
+    best: Iterable[CheckpointInfo] | None = None,
+) -> list[CheckpointInfo]:
+    """What retention deletes of ``infos`` (oldest first), as a rule without I/O: nothing when neither
+    ``keep_last`` nor ``best`` is given; else all but the newest, the last ``keep_last``, the ``best``
+    (ranked by the caller), the ``protected`` names, and checkpoints other tools wrote."""
+    if not infos or (keep_last is None and best is None):
+        return []
+    keep = {infos[-1].name, *protected}
+    if keep_last is not None:
+        keep |= {i.name for i in infos[-keep_last:]}
+    if best is not None:
+        keep |= {i.name for i in best}
+    return [i for i in infos if i.name not in keep and not i.legacy]
 
 
 def save_policy_artifact(

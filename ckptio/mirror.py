@@ -13,11 +13,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .layout import SavedCheckpoint, base_of
+from .config import CheckpointConfig
+from .errors import save_failed, typed_io
+from .layout import CheckpointInfo, SavedCheckpoint, base_of, remove_replaced
 from .manager import CheckpointManager
 from .upload import Uploader, UploadJob
 
-__all__ = ["RemoteMirror"]
+__all__ = ["RemoteMirror", "newest"]
 
 log = logging.getLogger("ckptio")
 
@@ -38,6 +40,32 @@ class RemoteMirror:
         self.uploader: Uploader | None = None  # threads start with the first upload, on the master only
         self._lock = threading.Lock()  # one retention pass at a time, across the save and upload threads
         self._resumed_from: str | None = None
+
+    @classmethod
+    def of(cls, local: CheckpointManager, config: CheckpointConfig) -> RemoteMirror | None:
+        """The mirror ``config`` asks for (None without a ``remote_uri``); the remote copy carries the local run's name."""
+        c = config
+        if not c.remote_uri:
+            return None
+        remote = CheckpointManager(
+            c.remote_uri, c.checkpoint_format, keep_last=c.keep_last, keep_best=c.keep_best, run_name=local.run_name,
+            storage_options=c.remote_storage_options,
+        )  # fmt: skip
+        return cls(
+            local, remote, on_uploaded=c.on_uploaded, workers=c.upload_workers, max_pending=c.upload_max_pending,
+            coalesce=c.upload_coalesce, retries=c.upload_retries, backoff_s=c.upload_backoff_s,
+            file_timeout_s=c.upload_file_timeout_s,
+        )  # fmt: skip
+
+    def save(self, *args: Any, **kwargs: Any) -> SavedCheckpoint:
+        """``local.save_checkpoint(...)``, then its upload queued, then local retention (sparing what uploads)."""
+        saved = self.local.save_checkpoint(*args, prune=False, **kwargs)
+        self.submit(saved)
+        try:
+            self.prune_local()
+        except Exception as e:
+            raise save_failed(saved.uri, "applying retention", e) from e
+        return saved
 
     def keep_until_uploaded(self, name: str) -> None:
         """The checkpoint a job resumed from stays, both sides, until a newer one is durable remotely."""
@@ -70,7 +98,7 @@ class RemoteMirror:
             except Exception as e:  # the user's callback must not stop uploads or retention
                 log.error("on_uploaded(%s) raised %r", uri, e)
         # a re-saved epoch's previous files, now that its new weights are committed remotely
-        self.remote.remove_replaced(SavedCheckpoint(uri, tuple(job.names)))
+        remove_replaced(self.remote.storage, job.names[-1], keep=job.names, other_formats=True)
         with self._lock:
             self._resumed_from = None
             self.remote.prune(protect=self.protected())
@@ -80,3 +108,15 @@ class RemoteMirror:
         """Finish the uploads within ``timeout``; raise UploadError if any failed."""
         if self.uploader is not None:
             self.uploader.close(timeout)
+
+
+def newest(local: CheckpointManager, remote: CheckpointManager | None) -> CheckpointInfo | None:
+    """The newest checkpoint of a run by epoch, local or remote (the local one when both have it)."""
+    found = []
+    for is_local, manager in ((True, local), (False, remote)):
+        if manager is not None:
+            with typed_io(manager.checkpoint_dir, "listing checkpoints"):
+                infos = manager.list_checkpoints()
+            if infos:
+                found.append((infos[-1].epoch, is_local, infos[-1]))
+    return max(found, key=lambda f: f[:2])[2] if found else None

@@ -34,6 +34,7 @@ __all__ = [
     "master_result",
     "raise_together",
     "rank_info",
+    "together",
 ]
 
 log = logging.getLogger("ckptio")
@@ -229,6 +230,20 @@ def gather_results(fn: Callable[[], Any], group: Any = None) -> list[Any]:
     if first is not None:
         raise first
     return [v for _, v in outcomes]
+
+
+def together(fn: Callable[[], Any], *, here: bool = True) -> Any:
+    """Collective: ``fn()`` on this rank (only where ``here``), its result here; if it raised on any rank, every
+    rank raises (no other rank is left waiting in a later collective for one that failed)."""
+    result: Any = None
+
+    def local() -> None:
+        nonlocal result
+        if here:
+            result = fn()
+
+    gather_results(local)
+    return result
 
 
 def raise_together(error: BaseException | None, group: Any = None) -> None:

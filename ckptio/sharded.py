@@ -1,6 +1,6 @@
 """Sharded state dicts (DTensor parameters, as FSDP2 and tensor parallelism make them).
 
-Saving: every rank takes part, the master writes. ``ShardGather`` sends each rank's blocks of one
+Saving: every rank takes part, the master writes (``ShardedSave``). ``ShardGather`` sends each rank's blocks of one
 tensor at a time to the master over a gloo group of its own, as the master's writer reaches that
 tensor; the file is one standard safetensors file of the full tensors, and the master holds one
 full tensor at a time. The master announces each tensor (or that it failed, or finished) with a
@@ -38,13 +38,14 @@ from torch.distributed.tensor import DTensor
 # the only public-enough way to know which block of a global tensor a rank holds; DCP uses it too
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .errors import CheckpointFormatError, CheckpointSaveError, StateDictMismatchError
+from .errors import CheckpointError, CheckpointFormatError, CheckpointSaveError, StateDictMismatchError, save_failed
 from .formats import LazyTensor
-from .layout import named_parameters
+from .layout import PendingSave, named_parameters
 from .ranks import Handoff, all_gather_object, raise_together
 
 __all__ = [
     "ShardGather",
+    "ShardedSave",
     "has_dtensors",
     "load_model_state",
     "load_optimizer_state",
@@ -302,6 +303,73 @@ class ShardGather:
                 )
             if any(rank == self.me for rank, _ in self.providers[i]):
                 dist.send(_blocks(_as_bytes(self.blocks[self.entries[i]].local.cpu())), dst=0, group=self.group)
+
+
+class ShardedSave:
+    """One sharded save as one unit, on every rank: the plan (every rank agrees, then who sends which block) and a
+    background save's snapshot of this rank's blocks, then ``write``: the master streams the gathered file while
+    the other ranks send their blocks, and the master ends it with done or abort.
+
+    Building it is the collective part, on the caller's thread (background saves too): ranks that disagree, or
+    one that cannot plan or snapshot, fail here together. ``snapshot(tensors, prefix)`` copies tensors the
+    training thread may go on changing (None: the save is written before the caller goes on).
+    """
+
+    def __init__(self, group: Any, job: PendingSave, snapshot: Callable[..., Mapping[str, torch.Tensor]] | None):
+        target = job.checkpoint.uri
+        if job.checkpoint.format != "safetensors":
+            raise CheckpointFormatError(f"{target}: a sharded (DTensor) model is saved as safetensors only")
+        files: dict[str, Mapping[str, torch.Tensor]] = {"w": job.weights}
+        if job.trainer is not None:
+            files["t"] = job.trainer[0]
+        master = dist.get_rank() == 0
+
+        def prepare(blocks: dict[tuple[str, str], _Block]) -> None:
+            if snapshot is None:
+                return
+            local = snapshot({f"{lb}/{k}": b.local for (lb, k), b in blocks.items()}, "s.")
+            for (lb, k), b in blocks.items():
+                b.local = local[f"{lb}/{k}"]
+            if master:  # the master's own plain tensors: the rest of what it writes
+                for label, d in files.items():
+                    plain = {k: v for k, v in d.items() if (label, k) not in blocks}
+                    files[label] = {**d, **snapshot(plain, f"{label}.")}
+
+        try:
+            self._gather = ShardGather(group, files, target, prepare)
+        except CheckpointError:
+            raise
+        except Exception as e:  # the gloo group itself failed: a rank died or timed out
+            raise save_failed(target, "planning the sharded save", e) from e
+        trainer = (files["t"], job.trainer[1]) if job.trainer is not None else None
+        self.job = PendingSave(job.checkpoint, files["w"], job.metrics, trainer)
+        if snapshot is not None:
+            self.job = self.job.copied()
+
+    def write(self, write: Callable[[PendingSave], None]) -> None:
+        """Every rank: on the master, ``write`` the save with its tensors gathered as the writer reaches them."""
+        target = self.job.checkpoint.uri
+        if dist.get_rank() != 0:
+            try:
+                self._gather.serve()
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise save_failed(target, "sending this rank's shards to the master", e) from e
+            return
+        ok = False
+        try:
+            job = self.job
+            trainer = (self._gather.lazy("t", job.trainer[0]), job.trainer[1]) if job.trainer is not None else None
+            write(PendingSave(job.checkpoint, self._gather.lazy("w", job.weights), job.metrics, trainer))
+            ok = True
+        finally:
+            try:
+                self._gather.finish(ok)
+            except Exception as e:
+                if ok:
+                    raise save_failed(target, "telling the other ranks the save finished", e) from e
+                log.error("could not tell the other ranks the save failed: %r", e)
 
 
 def _local_part(full: torch.Tensor, like: DTensor) -> DTensor:

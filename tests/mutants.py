@@ -72,7 +72,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "layout.kept-other-format-loses-sidecars",
         "layout.py",
-        "keep.update(Sidecars.of(base, read_metadata(storage, other), other).names())",
+        "keep.update(Sidecars.of(other, read_metadata(storage, other), other).names())",
         "pass",
         "weights kept in the other format lose the sidecars they name (convert beside the source)",
         (TRUST + "::test_a_checkpoint_kept_in_the_other_format_keeps_its_sidecars",),
@@ -81,15 +81,13 @@ MUTANTS: list[Mutant] = [
         "layout.delete-weights-last",
         "layout.py",
         """    storage.delete(name)
-    base = name.rsplit(".", 1)[0]
-    names = files_of(base, storage.listdir() if listing is None else listing)
-    names.sort(key=lambda n: n not in weights_names(base))
+    names = files_of(name, storage.listdir() if listing is None else listing)
+    names.sort(key=lambda n: n not in weights_names(base_of(name)))
     for other in names:
         if other != name:
             storage.delete(other)""",
-        """    base = name.rsplit(".", 1)[0]
-    names = files_of(base, storage.listdir() if listing is None else listing)
-    names.sort(key=lambda n: n not in weights_names(base))
+        """    names = files_of(name, storage.listdir() if listing is None else listing)
+    names.sort(key=lambda n: n not in weights_names(base_of(name)))
     for other in names:
         if other != name:
             storage.delete(other)
@@ -269,7 +267,7 @@ MUTANTS: list[Mutant] = [
         "if declared is not None and declared != str(pos):",
         "if declared is not None and int(declared) > pos:",
         "metadata claiming fewer data bytes than the header describes is accepted",
-        (HOSTILE + "::test_specific_lies_have_specific_messages", REFERENCE + "::test_known_disagreements_are_gone"),
+        (REFERENCE + "::test_ckptio_metadata_that_contradicts_the_file_is_refused",),
     ),
     Mutant(
         "formats.pickle-trusted-by-default",
@@ -301,29 +299,29 @@ MUTANTS: list[Mutant] = [
         "isinstance(t, str) and t in hdr.entries and a not in hdr.entries for a, t in aliases.items()",
         "isinstance(t, str) and t in hdr.entries for a, t in aliases.items()",
         "an alias that shadows a stored tensor is accepted",
-        (HOSTILE, REFERENCE + "::test_known_disagreements_are_gone"),
+        (REFERENCE + "::test_ckptio_metadata_that_contradicts_the_file_is_refused",),
     ),
     # -- manager: saving and retention ---------------------------------------------------------------
     Mutant(
         "manager.keep-best-strict",
         "manager.py",
-        "keep |= {i.name for i in best(infos, metric, mode, k, strict=False)}",
-        "keep |= {i.name for i in best(infos, metric, mode, k)}",
+        "ranked = best(infos, metric, mode, k, strict=False)",
+        "ranked = best(infos, metric, mode, k)",
         "keep_best fails a save when a checkpoint lacks the metric or its metrics are damaged",
         (MANAGER + "::test_keep_best_skips_checkpoints_without_the_metric_or_with_damaged_metrics",),
     ),
     Mutant(
         "manager.last-save-not-kept",
         "manager.py",
-        "        if self.last_saved is not None:\n            keep.add(self.last_saved)\n",
-        "",
+        "protected = {*protect, *([self.last_saved] if self.last_saved is not None else [])}",
+        "protected = set(protect)",
         "retention deletes the checkpoint this process just saved (a restart in an old run directory)",
         (TRUST + "::test_retention_never_deletes_the_checkpoint_just_written",),
     ),
     Mutant(
         "manager.protect-ignored",
         "manager.py",
-        "keep = {infos[-1].name} | set(protect)",
+        "keep = {infos[-1].name, *protected}",
         "keep = {infos[-1].name}",
         "retention deletes a protected checkpoint",
         (MANAGER + "::test_newest_is_never_pruned_and_protect_holds",),
@@ -331,8 +329,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "manager.legacy-pruned",
         "manager.py",
-        "if info.name in keep or info.legacy:",
-        "if info.name in keep:",
+        "return [i for i in infos if i.name not in keep and not i.legacy]",
+        "return [i for i in infos if i.name not in keep]",
         "retention deletes checkpoints other tools wrote",
         (EVERYDAY + "::test_legacy_checkpoints_mix_with_ckptio_ones_and_are_never_written_or_pruned",),
     ),
@@ -357,7 +355,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "mirror.remote-resave-keeps-old-files",
         "mirror.py",
-        "        self.remote.remove_replaced(SavedCheckpoint(uri, tuple(job.names)))\n",
+        "        remove_replaced(self.remote.storage, job.names[-1], keep=job.names, other_formats=True)\n",
         "",
         "a remote re-save of an epoch keeps the previous save's files",
         (SUPERSEDE, REMOTE + "::test_a_remote_resave_leaves_only_the_new_files"),
@@ -385,7 +383,7 @@ MUTANTS: list[Mutant] = [
         "dropped = self._pending.popleft()",
         "dropped = self._pending.pop()",
         "coalescing drops the newest waiting checkpoint instead of the oldest",
-        (REMOTE + "::test_coalescing_keeps_the_newest_when_uploads_fall_behind",),
+        (REMOTE + "::test_coalescing_skips_the_oldest_waiting_checkpoint",),
     ),
     Mutant(
         "upload.active-not-in-flight",
@@ -446,36 +444,34 @@ MUTANTS: list[Mutant] = [
     ),
     # -- checkpointer --------------------------------------------------------------------------------
     Mutant(
-        "checkpointer.background-save-keeps-callers-metrics",
-        "checkpointer.py",
-        "        metrics = json.loads(json.dumps(training_metrics)) if training_metrics is not None else None\n"
-        "        self.async_saver.start(self._write, weights, epoch, metrics, trainer)",
-        "        self.async_saver.start(self._write, weights, epoch, training_metrics, trainer)",
+        "layout.background-save-keeps-callers-metrics",
+        "layout.py",
+        "        if metrics is not None:\n            metrics = json.loads(metrics_payload(metrics, self.checkpoint.base))\n",
+        "",
         "a background save writes the caller's metrics dict as it is later, not as it was at save()",
         (CKPT + "::test_a_background_save_writes_the_metrics_as_they_were_at_save",),
     ),
     Mutant(
         "checkpointer.close-raises-only-locally",
         "checkpointer.py",
-        "        error = self._finish()\n        ranks.raise_together(error)",
+        "        ranks.raise_together(self._finish())",
         "        error = self._finish()\n        if error is not None:\n            raise error",
         "close() raises only on the rank that failed; the others return as if all went well",
         (FAIL_TOGETHER + "[close]",),
     ),
     Mutant(
-        "checkpointer.master-announces-success-after-failure",
-        "checkpointer.py",
-        "                gather.finish(ok)",
-        "                gather.finish(True)",
+        "sharded.master-announces-success-after-failure",
+        "sharded.py",
+        "                self._gather.finish(ok)",
+        "                self._gather.finish(True)",
         "the master tells the other ranks a failed sharded save succeeded",
         (AGREE,),
     ),
     Mutant(
         "checkpointer.sharded-manifest-checked-by-master-alone",
         "checkpointer.py",
-        "            self.register()  # every rank is here: the master's manifest check reaches them all",
-        "            if self.rank.is_master and (message := self._check_manifest()):\n"
-        "                raise ArchitectureError(message)",
+        "            self.register()\n            if self._shard_group is None:",
+        "            if self.rank.is_master:\n                self._check_manifest()\n            if self._shard_group is None:",
         "a sharded save's manifest check fails on the master alone; the others wait for the shard timeout",
         (AGREE,),
     ),
@@ -486,6 +482,14 @@ MUTANTS: list[Mutant] = [
         "            restore_rng_state(rng[0])",
         "a resume gives every rank the master's RNG state",
         (TORCHRUN + "::test_sigkill_resume_restores_weights_optimizer_epoch_and_rng",),
+    ),
+    Mutant(
+        "manager.keep-last-off-by-one",
+        "manager.py",
+        "keep |= {i.name for i in infos[-keep_last:]}",
+        "keep |= {i.name for i in infos[-keep_last + 1 :]}",
+        "keep_last keeps one checkpoint too few (keep_last=1 keeps everything)",
+        (MANAGER + "::test_keep_last_and_keep_best",),
     ),
     # -- ranks ---------------------------------------------------------------------------------------
     Mutant(
@@ -511,6 +515,14 @@ MUTANTS: list[Mutant] = [
         "",
         "the master's failure reaches the other ranks as a return value",
         (MASTER_FAILS,),
+    ),
+    Mutant(
+        "ranks.every-rank-downloads",
+        "ranks.py",
+        "        if here:\n            result = fn()",
+        "        result = fn()",
+        "every rank of a node downloads the checkpoint (a download storm), not the node's first",
+        (REMOTE + "::test_two_rank_resume_from_s3_downloads_once_per_node",),
     ),
     # -- sharded -------------------------------------------------------------------------------------
     Mutant(
@@ -565,7 +577,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "discovery.pt-preferred-over-safetensors",
         "discovery.py",
-        "if key not in chosen or parsed > chosen[key]:",
+        "if key not in chosen or info.rank > chosen[key].rank:",
         "if key not in chosen:",
         "with both formats of an epoch, whichever is listed first wins",
         (MANAGER + "::test_latest_across_formats_by_epoch_not_mtime",),
@@ -573,8 +585,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "discovery.latest-not-retried",
         "discovery.py",
-        "                if attempt == LATEST_RETRIES - 1:\n                    raise\n    raise AssertionError",
-        "                raise\n    raise AssertionError",
+        "            if attempt == LATEST_RETRIES - 1:\n                raise\n    raise AssertionError",
+        "            raise\n    raise AssertionError",
         "loading a directory's latest fails when it is pruned between listing and opening",
         (MANAGER + "::test_latest_pruned_between_listing_and_opening_is_listed_again",),
     ),

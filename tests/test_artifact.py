@@ -76,6 +76,10 @@ def test_non_strict_tolerates_missing_and_unexpected(env_meta):
     assert torch.equal(module.embed.weight, sd["embed.weight"])
     with pytest.raises(ckptio.StateDictMismatchError):
         ckptio.PolicyArtifact(policy_architecture=MLPArch(), state_dict=sd).instantiate(env_meta)
+    # lenient about names, never about shapes: a tensor of another shape is refused, naming it
+    sd["embed.weight"] = torch.ones(3, 3)
+    with pytest.raises(ckptio.StateDictMismatchError, match=r"embed\.weight"):
+        ckptio.PolicyArtifact(policy_architecture=MLPArch(), state_dict=sd).instantiate(env_meta, strict=False)
 
 
 def test_architecture_json_round_trip():

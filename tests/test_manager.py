@@ -41,6 +41,12 @@ def test_latest_across_formats_by_epoch_not_mtime(tmp_path, policy):
     assert (info.epoch, info.format) == (7, "pt")
     assert ckptio.load_from_uri(str(tmp_path / "run")).epoch == 7
     assert [i.epoch for i in ckptio.list_checkpoints(str(tmp_path / "run" / "checkpoints"))] == [3, 5, 7]
+    # both formats of one epoch (written outside a run's own saves): safetensors is the one listed and loaded
+    ckptio.save_policy_artifact(str(tmp_path / "run" / "checkpoints" / "run.e00000007"), {"w": torch.ones(1)}, None)
+    info = ckptio.latest(str(tmp_path / "run"))
+    assert (info.epoch, info.format) == (7, "safetensors")
+    assert [(i.epoch, i.format) for i in ckptio.list_checkpoints(str(tmp_path / "run"))][-1] == (7, "safetensors")
+    assert list(ckptio.load_from_uri(str(tmp_path / "run")).state_dict) == ["w"]
 
 
 def test_file_uri_and_base_path_and_memory(tmp_path, policy, arch, env_meta):
@@ -219,7 +225,7 @@ def test_latest_pruned_between_listing_and_opening_is_listed_again(tmp_path, pol
             newest = [n for n in listing if n.startswith("r.e") and n.endswith(".safetensors")][-1:]
             if newest and not pruned and self.root.endswith("checkpoints"):
                 pruned.append(newest[0])
-                ckptio.CheckpointManager(run).delete(mgr.info(newest[0]))
+                ckptio.CheckpointManager(run).delete(ckptio.layout.checkpoint_at(mgr.storage, newest[0]))
             return listing
 
         monkeypatch.setattr(Storage, "listdir", listdir_then_prune)

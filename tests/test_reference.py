@@ -216,6 +216,27 @@ def test_known_disagreements_are_gone(tmp_path, name):
     check_agrees(tmp_path, KNOWN[name])
 
 
+F32_B = {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}
+# Valid for the reference, refused on purpose: ckptio's own metadata that contradicts the file it is in.
+CONTRADICTIONS = {
+    "data_bytes fewer": ({"ckptio.data_bytes": "8"}, "metadata says 8 data bytes"),
+    "data_bytes more": ({"ckptio.data_bytes": "24"}, "metadata says 24 data bytes"),
+    "alias onto a stored name": ({"ckptio.aliases": json.dumps({"a": "b"})}, "ckptio.aliases"),
+    "alias of nothing": ({"ckptio.aliases": json.dumps({"c": "d"})}, "ckptio.aliases"),
+    "aliases not an object": ({"ckptio.aliases": "[]"}, "ckptio.aliases"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONTRADICTIONS))
+def test_ckptio_metadata_that_contradicts_the_file_is_refused(tmp_path, name):
+    metadata, message = CONTRADICTIONS[name]
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(_file({"__metadata__": metadata, "a": F32, "b": F32_B}, bytes(16)))
+    assert _reference(str(path))[0] == "ok"
+    verdict = _ckptio(str(path))
+    assert verdict[:2] == ("error", "CorruptCheckpointError") and message in verdict[2], verdict
+
+
 def test_sub_byte_dtypes_are_unsupported_not_corrupt(tmp_path):
     path = tmp_path / "f4.safetensors"
     path.write_bytes(_file({"a": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}, b"\x12\x34"))

@@ -529,3 +529,33 @@ def test_an_upload_that_fails_every_attempt_fails_close(tmp_path, policy, monkey
         ck.close()
     assert attempts == [attempts[0]] * 2  # the weights (last) are never tried after their sidecar failed
     assert _epochs(remote) == [] and _epochs(str(tmp_path / "run")) == [1]
+
+
+def test_coalescing_skips_the_oldest_waiting_checkpoint(tmp_path, policy, monkeypatch):
+    """Uploads behind, queue full: the oldest waiting checkpoint is skipped, never the newest."""
+    import threading
+
+    from archs import MLPArch
+
+    remote = _memory_remote()
+    gate, started = threading.Event(), threading.Event()
+    real = Storage.put_file
+
+    def gated(self, local_path, name, **kw):
+        started.set()
+        assert gate.wait(timeout=60)
+        return real(self, local_path, name, **kw)
+
+    monkeypatch.setattr(Storage, "put_file", gated)
+    uploaded = []
+    cfg = ckptio.CheckpointConfig(remote_uri=remote, upload_workers=1, upload_max_pending=2,
+                                  on_uploaded=uploaded.append)  # fmt: skip
+    ck = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg)
+    ck.save(policy, 1, force=True)
+    assert started.wait(timeout=60)  # 1 uploads; 2 and 3 wait; 4 and 5 each push out the oldest waiting
+    for epoch in range(2, 6):
+        ck.save(policy, epoch, force=True)
+    gate.set()
+    ck.close()
+    assert _epochs(remote) == [1, 4, 5]
+    assert [u.rsplit(".e", 1)[1][:8] for u in uploaded] == ["00000001", "00000004", "00000005"]

@@ -1,0 +1,71 @@
+"""CheckpointConfig: how a training run checkpoints (what the Checkpointer reads, every field with a default)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cache import DEFAULT_MAX_BYTES
+
+__all__ = ["CheckpointConfig"]
+
+
+@dataclass
+class CheckpointConfig:
+    """How a training run checkpoints. Every field has a working default; the groups:
+
+    - What is written: ``checkpoint_format`` ("safetensors", or "pt" for plain models), every
+      ``epoch_interval`` epochs (``save(force=True)`` saves anyway), named ``{run_name}.e{epoch}``.
+    - Retention: ``keep_last`` newest and ``keep_best=(metric, "max"|"min", count)``; None keeps all.
+      Never deleted: the newest, this job's last save, anything still uploading.
+    - The run directory's fsspec ``storage_options`` (credentials, endpoint), when it is a URI.
+    - Object storage: ``remote_uri`` (+ ``remote_storage_options``) gets a copy of every checkpoint from
+      ``upload_workers`` background threads; at most ``upload_max_pending`` wait (``upload_coalesce``
+      skips the oldest waiting one rather than block ``save``); each file is retried ``upload_retries``
+      times from ``upload_backoff_s`` and bounded by ``upload_file_timeout_s``; ``on_uploaded(uri)`` is
+      called once a copy committed; ``close()`` waits for uploads within ``close_timeout_s``.
+    - ``async_save``: ``save`` returns once tensors are copied to CPU; writing runs in the background.
+    - Resume from object storage: ``cache_dir`` (default ``$CKPTIO_CACHE_DIR`` or ``~/.cache/ckptio``)
+      holds one copy per node, up to ``cache_max_bytes``.
+    - ``resume_without_trainer_state``: resume with a fresh optimizer and RNG (a warning) when the
+      trainer-state file is missing or damaged, instead of raising.
+    - ``shard_timeout_s``: how long a sharded (DTensor) save waits for another rank before failing.
+    """
+
+    checkpoint_format: str = "safetensors"
+    epoch_interval: int = 1
+    # The name checkpoint files carry ({run}.e{epoch}); default: the remote URI's or run directory's
+    # last component. Runs sharing a directory are told apart by it (retention and resume are per run).
+    run_name: str | None = None
+    keep_last: int | None = None
+    keep_best: tuple[str, str, int] | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    # Object storage: checkpoints are written locally, then uploaded by background threads.
+    remote_uri: str | None = None
+    remote_storage_options: dict[str, Any] = field(default_factory=dict)
+    upload_workers: int = 2
+    upload_max_pending: int = 2
+    upload_coalesce: bool = True
+    upload_retries: int = 5
+    upload_backoff_s: float = 0.5
+    upload_file_timeout_s: float | None = 600.0
+    # Called (on an upload thread) with a checkpoint's remote weights URI once its upload committed:
+    # hand it to remote evaluation jobs. save() returns the local URI, before the upload is done.
+    on_uploaded: Callable[[str], None] | None = None
+    close_timeout_s: float | None = None  # bound on close() waiting for uploads; None waits
+    # Async save: the training thread only snapshots tensors to CPU; the rest runs in background.
+    async_save: bool = False
+    # Node-local cache for checkpoints loaded from object storage.
+    cache_dir: str | None = None
+    cache_max_bytes: int = DEFAULT_MAX_BYTES
+    # A checkpoint saved with trainer state whose trainer-state file is missing or damaged: resuming
+    # would silently restart the optimizer and RNG, so it is an error unless this allows it (a warning).
+    resume_without_trainer_state: bool = False
+    # Sharded (DTensor/FSDP2) saves: how long a rank waits for another in the gathers before it
+    # gives up with CheckpointSaveError (a rank that died mid-save must not hang the others forever).
+    shard_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.epoch_interval < 1:
+            raise ValueError("epoch_interval must be >= 1")
