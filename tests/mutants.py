@@ -522,7 +522,7 @@ MUTANTS: list[Mutant] = [
         "        if here:\n            result = fn()",
         "        result = fn()",
         "every rank of a node downloads the checkpoint (a download storm), not the node's first",
-        (REMOTE + "::test_two_rank_resume_from_s3_downloads_once_per_node",),
+        (CKPT + "::test_together_runs_a_step_only_where_asked",),
     ),
     # -- sharded -------------------------------------------------------------------------------------
     Mutant(

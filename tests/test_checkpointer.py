@@ -291,3 +291,15 @@ def test_a_run_refuses_another_architecture(tmp_path, policy, env_meta):
         with pytest.raises(ckptio.ArchitectureError, match="different model"):
             other.load_or_create_policy(env_meta)
     assert [i.epoch for i in ckptio.list_checkpoints(run)] == [1]
+
+
+def test_together_runs_a_step_only_where_asked():
+    """ranks.together: the node's first rank downloads, the others only learn whether it failed."""
+    from ckptio import ranks
+
+    calls = []
+    assert ranks.together(lambda: calls.append(1) or "mine") == "mine"
+    assert ranks.together(lambda: calls.append(2) or "theirs", here=False) is None
+    assert calls == [1]
+    with pytest.raises(ckptio.StorageError):
+        ranks.together(lambda: (_ for _ in ()).throw(ckptio.StorageError("s3://b/x: download failed")))
