@@ -35,7 +35,9 @@ bench: $(STAMP)
 	$(PY) -m benchmarks --out bench-out
 
 stress: $(STAMP)
-	$(PY) -m pytest -q -n auto tests/test_crash.py tests/test_faults.py tests/test_reference.py --stress
+	$(PY) -m pytest -q -n auto tests/test_crash.py tests/test_faults.py tests/test_reference.py \
+		tests/test_torchrun.py::test_the_main_job_leaves_cleanly_every_time \
+		tests/test_torchrun.py::test_ranks_leave_together_at_close_without_a_barrier_of_their_own --stress
 
 # every mutant of tests/mutants.py against the tests it names (outside make test: about 20 minutes here)
 mutate: $(STAMP)

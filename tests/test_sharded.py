@@ -100,7 +100,7 @@ def test_training_on_after_resume_is_bit_identical_to_an_uninterrupted_run(tmp_p
     job(nproc, straight, out, "--mode", mode, "--epochs", "4", "--async")  # saved in background
     check_checkpoint(straight, out, 1)
     # the run as if it had stopped after epoch 1 (a save never changes training: pinned on its own)
-    broken = str(tmp_path / "broken")
+    broken = str(tmp_path / "broken" / "straight")  # the same run name: a run's name is its directory's
     shutil.copytree(straight, broken)
     stopped = ckptio.CheckpointManager(broken)
     for info in stopped.list_checkpoints()[2:]:
@@ -115,7 +115,7 @@ def test_training_on_after_resume_is_bit_identical_to_an_uninterrupted_run(tmp_p
         check_resumed(str(tmp_path / "w2"), os.path.join(out, "ref.e3"))
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "tp"])
+@pytest.mark.parametrize("mode", ["fsdp"])  # the gather is the same for every placement; tp adds nothing here
 def test_a_rank_killed_mid_gather_leaves_the_previous_checkpoint_latest(tmp_path, mode):
     run, out = str(tmp_path / "run"), str(tmp_path / "out")
     job(2, run, out, "--mode", mode, "--epochs", "1")
