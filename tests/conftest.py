@@ -131,3 +131,15 @@ def forkserver():
 
 
 from remote_fixtures import gcs, s3  # noqa: E402, F401  (object-storage server fixtures)
+
+# the files whose tests run torchrun jobs or servers: scheduled first, so that on two workers the
+# last minutes are not one long job on one worker while the other sits idle
+LONG_FIRST = ("test_sharded.py", "test_torchrun.py", "test_benchmarks.py", "test_remote.py", "test_everyday.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def weight(item):
+        name = item.path.name
+        return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=weight)
