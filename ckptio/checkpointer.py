@@ -275,7 +275,7 @@ class Checkpointer:
             if self._shard_group is None:
                 self._shard_group = sharded.new_group(self.config.shard_timeout_s)
             self.saves.wait()
-            unit = sharded.ShardedSave(self._shard_group, job, snapshot)
+            unit = sharded.ShardedSave(self._shard_group, job, snapshot, ahead=self.config.shard_tensors_ahead)
             self.saves.save(unit.write, self._write, background=background)
         else:  # the master alone is here: no collective
             self._check_manifest()

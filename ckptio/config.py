@@ -30,7 +30,8 @@ class CheckpointConfig:
       holds one copy per node, up to ``cache_max_bytes``.
     - ``resume_without_trainer_state``: resume with a fresh optimizer and RNG (a warning) when the
       trainer-state file is missing or damaged, instead of raising.
-    - ``shard_timeout_s``: how long a sharded (DTensor) save waits for another rank before failing.
+    - ``shard_timeout_s``: how long a sharded (DTensor) save waits for another rank before failing;
+      ``shard_tensors_ahead``: how many tensors its master gathers while it writes one.
     """
 
     checkpoint_format: str = "safetensors"
@@ -65,6 +66,9 @@ class CheckpointConfig:
     # Sharded (DTensor/FSDP2) saves: how long a rank waits for another in the gathers before it
     # gives up with CheckpointSaveError (a rank that died mid-save must not hang the others forever).
     shard_timeout_s: float = 600.0
+    # Sharded saves: how many tensors the master gathers ahead of the one it writes (overlapping the
+    # transfers with the disk); its extra RAM is at most this many + 1 full tensors.
+    shard_tensors_ahead: int = 2
 
     def __post_init__(self) -> None:
         if self.epoch_interval < 1:

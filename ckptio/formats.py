@@ -11,6 +11,7 @@ ckptio's additions live in the header's ``__metadata__`` (string to string):
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import logging
@@ -153,8 +154,12 @@ class LazyTensor:
     one at a time while the file streams out: the writer holds one such tensor at a time.
     """
 
-    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], materialize: Callable[[], torch.Tensor]):
+    def __init__(
+        self, dtype: torch.dtype, shape: tuple[int, ...], materialize: Callable[[], torch.Tensor], *, ahead: int = 0
+    ):
         self.dtype, self.shape, self._materialize = dtype, tuple(shape), materialize
+        # how many later lazy tensors the writer may materialize while this one's bytes are written
+        self.ahead = ahead
 
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -300,17 +305,41 @@ def write_safetensors(
 
 
 def _write_lazy(f: IO[bytes], stored: Mapping[str, torch.Tensor | LazyTensor], order: list[str]) -> str:
-    """Write tensors one at a time, materializing each lazy one just before its bytes (and dropping it after)."""
+    """Write tensors one at a time, materializing lazy ones on a second thread up to ``ahead`` tensors before the
+    writer reaches them: a gather overlaps the previous tensor's write, and at most ``ahead`` + 1 materialized
+    tensors are held. Materializing runs in writing order, one at a time (a gather's collectives stay ordered)."""
+    lazy = [k for k in order if isinstance(stored[k], LazyTensor)]
+    ahead = max((stored[k].ahead for k in lazy), default=0)  # type: ignore[union-attr]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptio-materialize")
+    pending: dict[str, concurrent.futures.Future[torch.Tensor]] = {}
+    submitted = 0
+
+    def submit_up_to(count: int) -> None:
+        nonlocal submitted
+        while submitted < len(lazy) and len(pending) < count:
+            key = lazy[submitted]
+            pending[key] = pool.submit(stored[key].materialize, key)  # type: ignore[union-attr]
+            submitted += 1
+
     value = 0
-    for key in order:
-        t = stored[key]
-        data = t.materialize(key) if isinstance(t, LazyTensor) else t
-        view = _as_bytes(data)
-        for i in range(0, len(view), _CHUNK):
-            chunk = view[i : i + _CHUNK]
-            write_all(f, chunk)
-            value = crc32(chunk, value)
-        del data, view
+    try:
+        for key in order:
+            t = stored[key]
+            if isinstance(t, LazyTensor):
+                submit_up_to(1)
+                data = pending.pop(key).result()
+                submit_up_to(ahead)  # the next ones gather while this one is written
+            else:
+                data = t
+            view = _as_bytes(data)
+            for i in range(0, len(view), _CHUNK):
+                chunk = view[i : i + _CHUNK]
+                write_all(f, chunk)
+                value = crc32(chunk, value)
+            del data, view
+    finally:
+        # a failed write: what is not started never starts, what runs finishes (its collective completes)
+        pool.shutdown(wait=True, cancel_futures=True)
     return f"{value:08x}"
 
 

@@ -256,13 +256,17 @@ class ShardGather:
             self.providers.append([(r, _Block(tuple(s), tuple(o))) for (s, o), r in seen.items()])
         self._index = {e: i for i, e in enumerate(self.entries)}
 
-    def lazy(self, label: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | LazyTensor]:
-        """The master's view of one file: DTensors become tensors gathered when the writer reaches them."""
+    def lazy(
+        self, label: str, tensors: Mapping[str, torch.Tensor], ahead: int = 0
+    ) -> dict[str, torch.Tensor | LazyTensor]:
+        """The master's view of one file: DTensors become tensors gathered as the writer reaches them (up to
+        ``ahead`` tensors before, overlapping the writes)."""
         out: dict[str, torch.Tensor | LazyTensor] = {}
         for key, t in tensors.items():
             if isinstance(t, DTensor):
                 dtype, shape = self.specs[(label, key)]
-                out[key] = LazyTensor(dtype, shape, lambda i=self._index[(label, key)]: self._gather(i))
+                gather = functools.partial(self._gather, self._index[(label, key)])
+                out[key] = LazyTensor(dtype, shape, gather, ahead=ahead)
             else:
                 out[key] = t
         return out
@@ -281,10 +285,12 @@ class ShardGather:
             region = _region(full, block)
             if rank == self.me:
                 region.copy_(self.blocks[self.entries[i]].local)
-                continue
-            buf = torch.empty(block.shape, dtype=dtype)
-            dist.recv(_blocks(_as_bytes(buf)), src=rank, group=self.group)
-            region.copy_(buf)
+            elif region.is_contiguous():  # a block along the first dimension: straight into place, no copy
+                dist.recv(_blocks(_as_bytes(region)), src=rank, group=self.group)
+            else:
+                buf = torch.empty(block.shape, dtype=dtype)
+                dist.recv(_blocks(_as_bytes(buf)), src=rank, group=self.group)
+                region.copy_(buf)
         return full
 
     def finish(self, ok: bool) -> None:
@@ -315,7 +321,15 @@ class ShardedSave:
     training thread may go on changing (None: the save is written before the caller goes on).
     """
 
-    def __init__(self, group: Any, job: PendingSave, snapshot: Callable[..., Mapping[str, torch.Tensor]] | None):
+    def __init__(
+        self,
+        group: Any,
+        job: PendingSave,
+        snapshot: Callable[..., Mapping[str, torch.Tensor]] | None,
+        *,
+        ahead: int = 2,
+    ):
+        self.ahead = ahead  # tensors the master gathers ahead of its writer: its RAM is at most ahead + 1 of them
         target = job.checkpoint.uri
         if job.checkpoint.format != "safetensors":
             raise CheckpointFormatError(f"{target}: a sharded (DTensor) model is saved as safetensors only")
@@ -360,8 +374,9 @@ class ShardedSave:
         ok = False
         try:
             job = self.job
-            trainer = (self._gather.lazy("t", job.trainer[0]), job.trainer[1]) if job.trainer is not None else None
-            write(PendingSave(job.checkpoint, self._gather.lazy("w", job.weights), job.metrics, trainer))
+            lazy = functools.partial(self._gather.lazy, ahead=self.ahead)
+            trainer = (lazy("t", job.trainer[0]), job.trainer[1]) if job.trainer is not None else None
+            write(PendingSave(job.checkpoint, lazy("w", job.weights), job.metrics, trainer))
             ok = True
         finally:
             try:

@@ -311,3 +311,50 @@ def test_a_lazy_tensor_that_materializes_differently_is_refused(tmp_path):
         with pytest.raises(ckptio.CheckpointFormatError, match="materialized as"):
             with open(tmp_path / "x.safetensors", "wb") as f:
                 write_safetensors(f, {"w": lazy})
+
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_lazy_tensors_materialize_ahead_of_the_writer_in_order_and_bounded(tmp_path, monkeypatch, ahead):
+    """A sharded save gathers the next tensors while one is written: in writing order, at most ahead + 1 held,
+    and the file is the one the same tensors make when they are all in memory."""
+    import threading
+
+    from ckptio.formats import LazyTensor
+
+    tensors = {f"t{i}": torch.full((1000 + i,), float(i)) for i in range(8)}
+    held, most, made = set(), [0], []
+    lock = threading.Lock()
+
+    def materialize(key):
+        with lock:
+            made.append(key)
+            held.add(key)
+            most[0] = max(most[0], len(held))
+        if key == "t5" and fail:
+            raise OSError(5, "Input/output error")
+        return tensors[key]
+
+    real_as_bytes = ckptio.formats._as_bytes
+
+    def writing(t):  # the writer takes a tensor's bytes: it no longer waits in memory to be written
+        with lock:
+            held.difference_update(k for k, v in tensors.items() if v.data_ptr() == t.data_ptr())
+        return real_as_bytes(t)
+
+    monkeypatch.setattr(ckptio.formats, "_as_bytes", writing)
+    lazy = {k: LazyTensor(t.dtype, tuple(t.shape), lambda k=k: materialize(k), ahead=ahead) for k, t in tensors.items()}
+    fail = False
+    with open(tmp_path / "lazy.safetensors", "wb") as f:
+        write_safetensors(f, lazy)
+    monkeypatch.undo()
+    with open(tmp_path / "eager.safetensors", "wb") as f:
+        write_safetensors(f, tensors)
+    assert (tmp_path / "lazy.safetensors").read_bytes() == (tmp_path / "eager.safetensors").read_bytes()
+    order = ckptio.formats.data_order(tensors)
+    assert made == order and 1 <= most[0] <= ahead + 1
+    # a failed gather stops the writer; nothing is gathered beyond what was already under way
+    fail, made[:] = True, []
+    with pytest.raises(OSError, match="Input/output error"):
+        with open(tmp_path / "failed.safetensors", "wb") as f:
+            write_safetensors(f, lazy)
+    assert made == order[: len(made)] and len(made) <= order.index("t5") + 1 + ahead
