@@ -301,6 +301,14 @@ MUTANTS: list[Mutant] = [
         "an alias that shadows a stored tensor is accepted",
         (REFERENCE + "::test_ckptio_metadata_that_contradicts_the_file_is_refused",),
     ),
+    Mutant(
+        "formats.gathers-ahead-unbounded",
+        "formats.py",
+        "                submit_up_to(ahead)  # the next ones gather while this one is written",
+        "                submit_up_to(ahead + 8)  # the next ones gather while this one is written",
+        "the master gathers more tensors ahead than configured (its RAM is no longer bounded by them)",
+        (FORMATS + "::test_lazy_tensors_materialize_ahead_of_the_writer_in_order_and_bounded",),
+    ),
     # -- manager: saving and retention ---------------------------------------------------------------
     Mutant(
         "manager.keep-best-strict",
@@ -548,6 +556,14 @@ MUTANTS: list[Mutant] = [
         "            if i == _ABORT:\n                return\n                raise CheckpointSaveError(",
         "a non-master rank returns success from a sharded save the master failed",
         (AGREE,),
+    ),
+    Mutant(
+        "sharded.strided-block-received-in-place",
+        "sharded.py",
+        "            elif region.is_contiguous():  # a block along the first dimension: straight into place, no copy",
+        "            elif True:",
+        "a block along another dimension is received into a temporary copy and lost",
+        (SHARDED + "::test_tensor_parallel_saves_full_tensors_and_loads_as_a_full_policy_then_shards",),
     ),
     Mutant(
         "sharded.save-initialises-the-optimizer",
