@@ -25,7 +25,6 @@ from .discovery import CheckpointInfo, artifact_of
 from .errors import (
     CheckpointError,
     CheckpointFormatError,
-    InvalidArgumentError,
     typed_io,
 )
 from .layout import (
@@ -38,7 +37,7 @@ from .layout import (
 )
 from .manager import CheckpointManager
 from .mirror import RemoteMirror, newest
-from .trainer_state import FlatTrainerState, capture_rng_state, flatten, restore_rng_state
+from .trainer_state import restore_rng_state
 from .upload import Uploader
 
 __all__ = ["CheckpointConfig", "Checkpointer"]
@@ -261,7 +260,7 @@ class Checkpointer:
         check_epoch(epoch)
         if not force and not self.should_save(epoch):
             return None
-        trainer = self._trainer_state(policy, epoch, trainer_state, optimizer)
+        trainer = sharded.trainer_state_of(policy, epoch, trainer_state, optimizer)
         job = PendingSave(self.manager.checkpoint(epoch), state_dict_of(policy), training_metrics, trainer)
         is_sharded = sharded.has_dtensors(job.weights, trainer[0] if trainer is not None else {})
         if not is_sharded and not self.rank.is_master:
@@ -282,19 +281,6 @@ class Checkpointer:
             self.saves.wait()
             self.saves.save(self._write, job.copied(snapshot) if background else job, background=background)
         return job.checkpoint.uri if self.rank.is_master else None
-
-    def _trainer_state(
-        self, policy: Any, epoch: int, user: Any, optimizer: torch.optim.Optimizer | None
-    ) -> FlatTrainerState | None:
-        """Every rank: the trainer-state tree of a save (each rank's RNG gathered; the optimizer by FQN)."""
-        if user is None and optimizer is None:
-            return None
-        tree = {"user": user, "epoch": epoch, "rng": ranks.all_gather_object(capture_rng_state())}
-        if optimizer is not None:
-            if not isinstance(policy, torch.nn.Module):
-                raise InvalidArgumentError("save(optimizer=...) needs the model itself, not a state dict")
-            tree["optimizer"] = sharded.optimizer_state(policy, optimizer)
-        return flatten(tree)
 
     def wait(self) -> None:
         """Block until the background save (if any) is written; raise if it failed."""

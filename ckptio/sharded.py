@@ -38,10 +38,18 @@ from torch.distributed.tensor import DTensor
 # the only public-enough way to know which block of a global tensor a rank holds; DCP uses it too
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .errors import CheckpointError, CheckpointFormatError, CheckpointSaveError, StateDictMismatchError, save_failed
+from .errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointSaveError,
+    InvalidArgumentError,
+    StateDictMismatchError,
+    save_failed,
+)
 from .formats import LazyTensor
 from .layout import PendingSave, named_parameters
 from .ranks import Handoff, all_gather_object, raise_together
+from .trainer_state import FlatTrainerState, capture_rng_state, flatten
 
 __all__ = [
     "ShardGather",
@@ -52,6 +60,7 @@ __all__ = [
     "model_state",
     "new_group",
     "optimizer_state",
+    "trainer_state_of",
 ]
 
 log = logging.getLogger("ckptio")
@@ -104,6 +113,21 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     """The optimizer's state keyed by parameter FQN, as torch.distributed.checkpoint defines it; touches nothing."""
     with _optimizer_as_it_is():
         return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
+
+
+def trainer_state_of(
+    policy: Any, epoch: int, user: Any, optimizer: torch.optim.Optimizer | None
+) -> FlatTrainerState | None:
+    """Every rank: the trainer state a save stores (None without ``user`` state or ``optimizer``): the user's,
+    the epoch, every rank's RNG state (gathered) and the optimizer's, keyed by parameter FQN."""
+    if user is None and optimizer is None:
+        return None
+    tree = {"user": user, "epoch": epoch, "rng": all_gather_object(capture_rng_state())}
+    if optimizer is not None:
+        if not isinstance(policy, torch.nn.Module):
+            raise InvalidArgumentError("save(optimizer=...) needs the model itself, not a state dict")
+        tree["optimizer"] = optimizer_state(policy, optimizer)
+    return flatten(tree)
 
 
 @dataclass
