@@ -21,7 +21,7 @@ import os
 import re
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -342,7 +342,7 @@ class PendingSave:
     def epoch(self) -> int:
         return self.checkpoint.epoch
 
-    def copied(self, copy: Any = None) -> PendingSave:
+    def copied(self, copy: Callable[[Mapping[str, Any], str], Mapping[str, Any]] | None = None) -> PendingSave:
         """This save as of now: tensors through ``copy(tensors, prefix)`` (a background save's snapshot, if
         given) and metrics frozen through their JSON form, so the caller may go on changing its own."""
         metrics = self.metrics

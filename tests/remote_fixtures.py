@@ -18,6 +18,23 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gc
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def gate_uploads(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Hold every upload until ``gate`` is set; ``started`` is set once one is under way (no sleeps: a test
+    waits on ``started``, saves while uploads are held, then sets ``gate``)."""
+    from ckptio.storage import Storage
+
+    gate, started = threading.Event(), threading.Event()
+    real = Storage.put_file
+
+    def gated(self, local_path, name, **kw):
+        started.set()
+        assert gate.wait(timeout=60)
+        return real(self, local_path, name, **kw)
+
+    monkeypatch.setattr(Storage, "put_file", gated)
+    return gate, started
+
+
 class S3Server:
     def __init__(self, log_path: str):
         self.log_path = log_path

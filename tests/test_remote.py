@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 import torch
-from remote_fixtures import EventOnLog
+from remote_fixtures import EventOnLog, gate_uploads
 
 import ckptio
 from ckptio.cache import NodeCache
@@ -482,20 +482,10 @@ def test_a_remote_resave_leaves_only_the_new_files(tmp_path, policy):
 
 def test_local_retention_never_deletes_what_is_still_uploading(tmp_path, policy, monkeypatch):
     """keep_last=1 with uploads behind: the local files of every checkpoint in flight stay until uploaded."""
-    import threading
-
     from archs import MLPArch
 
     remote = _memory_remote()
-    gate, started = threading.Event(), threading.Event()
-    real = Storage.put_file
-
-    def gated(self, local_path, name, **kw):
-        started.set()
-        assert gate.wait(timeout=60)
-        return real(self, local_path, name, **kw)
-
-    monkeypatch.setattr(Storage, "put_file", gated)
+    gate, started = gate_uploads(monkeypatch)
     cfg = ckptio.CheckpointConfig(keep_last=1, remote_uri=remote, upload_workers=1, upload_max_pending=4,
                                   upload_coalesce=False)  # fmt: skip
     ck = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg)
@@ -533,20 +523,10 @@ def test_an_upload_that_fails_every_attempt_fails_close(tmp_path, policy, monkey
 
 def test_coalescing_skips_the_oldest_waiting_checkpoint(tmp_path, policy, monkeypatch):
     """Uploads behind, queue full: the oldest waiting checkpoint is skipped, never the newest."""
-    import threading
-
     from archs import MLPArch
 
     remote = _memory_remote()
-    gate, started = threading.Event(), threading.Event()
-    real = Storage.put_file
-
-    def gated(self, local_path, name, **kw):
-        started.set()
-        assert gate.wait(timeout=60)
-        return real(self, local_path, name, **kw)
-
-    monkeypatch.setattr(Storage, "put_file", gated)
+    gate, started = gate_uploads(monkeypatch)
     uploaded = []
     cfg = ckptio.CheckpointConfig(remote_uri=remote, upload_workers=1, upload_max_pending=2,
                                   on_uploaded=uploaded.append)  # fmt: skip

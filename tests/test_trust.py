@@ -417,26 +417,17 @@ def test_saving_beside_other_files_deletes_only_checkpoint_files(tmp_path, polic
 
 
 def test_a_resave_while_the_previous_save_uploads_supersedes_it(tmp_path, monkeypatch):
-    import threading
     import uuid
 
     from archs import MLPArch
+    from remote_fixtures import gate_uploads
 
     remote = f"memory://resave-{uuid.uuid4().hex[:8]}/run"
     uploaded = []
     cfg = ckptio.CheckpointConfig(remote_uri=remote, upload_workers=1, upload_retries=1, upload_backoff_s=0.0,
                                   on_uploaded=uploaded.append)  # fmt: skip
     ck = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg)
-    gate, started = threading.Event(), threading.Event()
-    real = ckptio.storage.Storage.put_file
-
-    def gated(self, local_path, name, **kw):
-        if not gate.is_set():
-            started.set()
-            assert gate.wait(timeout=60)
-        return real(self, local_path, name, **kw)
-
-    monkeypatch.setattr(ckptio.storage.Storage, "put_file", gated)
+    gate, started = gate_uploads(monkeypatch)
     w = {"w": torch.ones(4)}
     ck.save(w, 1, {"save": 1}, {"step": 1})
     assert started.wait(timeout=60)  # the first save's upload is under way
