@@ -3,14 +3,25 @@
 Entries are keyed by the remote URL and its version (ETag, generation or mtime, plus size), so a
 changed remote object is fetched again rather than served stale. Downloads land in a temporary
 and are renamed into place; least-recently-used entries are evicted beyond a size limit.
+
+A node that needs only some byte ranges of a file (its ranks' blocks of a sharded checkpoint)
+keeps a *partial* entry: a sparse file of the object's size holding those ranges, and a record of
+which ranges it holds. A range enters the record only once its bytes are written, checked and on
+disk; a partial entry is only ever read through that record.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
+import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 
+from .errors import StorageError
 from .storage import Storage, atomic_file
 
 __all__ = ["NodeCache", "default_cache_dir"]
@@ -18,6 +29,57 @@ __all__ = ["NodeCache", "default_cache_dir"]
 log = logging.getLogger("ckptio")
 
 DEFAULT_MAX_BYTES = 64 << 30
+PARTIAL = ".partial"  # a partial entry's data; its record of held ranges adds HELD
+HELD = ".held"
+RANGE_PIECE = 8 << 20  # one ranged GET: large enough to stream, small enough that several run at once
+RANGE_WORKERS = 8
+
+Ranges = list[tuple[int, int]]
+
+
+def _merge(ranges: Ranges) -> Ranges:
+    merged: Ranges = []
+    for begin, end in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and begin <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((begin, end))
+    return merged
+
+
+def _pieces(ranges: Ranges, grain: tuple[int, int] | None, size: int, most: int = RANGE_PIECE) -> Ranges:
+    """``ranges`` widened to whole grains (``origin + k * step``) past ``origin``, in pieces of at most about ``most``
+    split on grains."""
+    origin, step = grain or (0, 1)
+    most = max(step, most // step * step)
+    out: Ranges = []
+    for begin, end in ranges:
+        if begin < origin:
+            out.append((begin, min(end, origin)))
+            begin = origin
+        if begin >= end:
+            continue
+        begin = origin + (begin - origin) // step * step
+        end = min(size, origin + -(-(end - origin) // step) * step)
+        out += [(p, min(end, p + most)) for p in range(begin, end, most)]
+    return out
+
+
+def _missing(wanted: Ranges, held: Ranges) -> Ranges:
+    """The parts of ``wanted`` not in ``held`` (both merged)."""
+    out: Ranges = []
+    for begin, end in wanted:
+        for hb, he in held:
+            if he <= begin or hb >= end:
+                continue
+            if hb > begin:
+                out.append((begin, hb))
+            begin = max(begin, he)
+            if begin >= end:
+                break
+        if begin < end:
+            out.append((begin, end))
+    return out
 
 
 def default_cache_dir() -> str:
@@ -54,13 +116,130 @@ class NodeCache:
         self.evict(keep=path)
         return path
 
+    # -- partial entries ---------------------------------------------------------------------
+    def partial(self, storage: Storage, name: str) -> tuple[str, Ranges]:
+        """The local path holding ``name``'s current version and the byte ranges it holds there.
+
+        The whole file when a full entry is cached; else the partial entry's recorded ranges
+        (none when there is no entry).
+        """
+        full = self.path_for(storage, name)
+        if os.path.exists(full):
+            return full, [(0, os.path.getsize(full))]
+        path = full + PARTIAL
+        try:
+            with open(path + HELD) as f:
+                record = json.load(f)
+        except FileNotFoundError:
+            return path, []
+        except ValueError:  # a record is replaced atomically, so this is damage: hold nothing
+            log.warning("%s: unreadable record of held ranges; treating the entry as empty", path + HELD)
+            return path, []
+        return path, [(int(b), int(e)) for b, e in record["held"]]
+
+    def fetch_ranges(
+        self,
+        storage: Storage,
+        name: str,
+        ranges: Ranges,
+        check: Callable[[int, bytes], None] | None = None,
+        grain: tuple[int, int] | None = None,
+    ) -> tuple[str, Ranges]:
+        """A local path holding at least byte ``ranges`` of ``name``, and every range it holds there.
+
+        Ranges not yet held are fetched with concurrent ranged reads, in whole grains
+        ``(origin, step)`` beyond ``origin`` (the file's digested chunks); ``check(start, data)``
+        may refuse a piece (its digest) before it is written. A failed fetch raises after recording the
+        pieces that completed; nothing is recorded that was not wholly fetched, checked and synced.
+        """
+        path, held = self.partial(storage, name)
+        if not path.endswith(PARTIAL):
+            return path, held  # a full entry
+        size = storage.info(name).size
+        wanted = _merge(_pieces([(max(0, b), min(size, e)) for b, e in ranges], grain, size, most=size))
+        with self._locked(path, size) as fd:
+            path, held = self.partial(storage, name)  # another process may have filled it meanwhile
+            if not path.endswith(PARTIAL):
+                return path, held
+            todo = _pieces(_missing(wanted, held), grain, size)
+            done: Ranges = []
+            try:
+                self._fetch_pieces(storage, name, fd, todo, check, done)
+            finally:
+                if done:
+                    os.fsync(fd)
+                    held = _merge(held + done)
+                    with atomic_file(path + HELD) as tmp, open(tmp, "w") as f:
+                        json.dump({"url": storage.url(name), "size": size, "held": held}, f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    self.fills += 1
+        log.info("cached %d bytes of %s at %s (%d ranges held)", sum(e - b for b, e in done), storage.url(name),
+                 path, len(held))  # fmt: skip
+        os.utime(path)
+        self.evict(keep=path)
+        return path, held
+
+    def _fetch_pieces(
+        self,
+        storage: Storage,
+        name: str,
+        fd: int,
+        pieces: Ranges,
+        check: Callable[[int, bytes], None] | None,
+        done: Ranges,
+    ) -> None:
+        def one(begin: int, end: int) -> tuple[int, int]:
+            data = storage.read_range(name, begin, end)
+            if len(data) != end - begin:
+                raise StorageError(
+                    f"{storage.url(name)}: asked for bytes [{begin}, {end}), got {len(data)} (did it change meanwhile?)"
+                )
+            if check is not None:
+                check(begin, data)
+            with memoryview(data) as view:
+                written = 0
+                while written < len(view):
+                    written += os.pwrite(fd, view[written:], begin + written)
+            return begin, end
+
+        error: BaseException | None = None
+        with concurrent.futures.ThreadPoolExecutor(RANGE_WORKERS, thread_name_prefix="ckptio-range") as pool:
+            futures = [pool.submit(one, b, e) for b, e in pieces]
+            for future in futures:
+                try:
+                    done.append(future.result())
+                except concurrent.futures.CancelledError:
+                    continue
+                except Exception as e:
+                    if error is None:  # what has not started never starts; what runs completes and counts
+                        error = e
+                        for other in futures:
+                            other.cancel()
+        if error is not None:
+            raise error
+
+    @contextlib.contextmanager
+    def _locked(self, path: str, size: int) -> Iterator[int]:
+        """The partial entry's data file, open for writing and locked against other processes filling it."""
+        os.makedirs(self.directory, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)  # sparse: unfetched ranges take no disk
+            yield fd
+        finally:
+            os.close(fd)  # closing releases the lock
+
     def evict(self, keep: str | None = None) -> list[str]:
         """Delete least-recently-used entries until the cache fits its size limit."""
         entries = []
         for entry in os.scandir(self.directory):
-            if entry.is_file() and not entry.name.startswith("."):
+            if entry.is_file() and not entry.name.startswith(".") and not entry.name.endswith(HELD):
                 st = entry.stat()
-                entries.append((st.st_mtime, st.st_size, entry.path))
+                # a partial entry counts the disk it takes, not its (sparse) length
+                entries.append((st.st_mtime, min(st.st_size, st.st_blocks * 512), entry.path))
         total = sum(size for _, size, _ in entries)
         removed = []
         for _, size, path in sorted(entries):
@@ -69,6 +248,9 @@ class NodeCache:
             if path == keep:
                 continue
             try:
+                if path.endswith(PARTIAL):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path + HELD)  # the record first: it never names bytes that are gone
                 os.unlink(path)  # mappings already open stay valid: unlink keeps their pages
             except FileNotFoundError:
                 continue

@@ -29,11 +29,15 @@ from .errors import (
 )
 from .layout import (
     PendingSave,
+    Want,
     cache_checkpoint,
+    cache_headers,
+    cache_ranges,
     check_epoch,
     checkpoint_at,
     load_checkpoint,
     state_dict_of,
+    wanted_ranges,
 )
 from .manager import CheckpointManager
 from .mirror import RemoteMirror, newest
@@ -69,6 +73,7 @@ class Checkpointer:
         self.mirror = RemoteMirror.of(self.manager, c)
         self.remote = self.mirror.remote if self.mirror is not None else None
         self.cache = NodeCache(c.cache_dir, c.cache_max_bytes)
+        self._partial = False  # the checkpoint being resumed is read from the node's ranges of it
         self.saves = AsyncSaver()
         self.resumed_from: CheckpointInfo | None = None
         self.trainer_state: Any = None
@@ -127,26 +132,53 @@ class Checkpointer:
         assert info is not None
         return info
 
-    def _read(self, info: CheckpointInfo) -> Any:
-        """Every rank: the checkpoint's weights mapped (remote ones through one download per node)."""
+    def _read(self, info: CheckpointInfo, want: Want | None = None) -> Any:
+        """Every rank: the checkpoint's weights mapped (remote ones through one download per node, or with
+        ``want`` on several nodes, each node fetching only the ranges its ranks read)."""
 
         def download() -> None:
             with typed_io(info.uri, "downloading into the node cache"):
                 cache_checkpoint(info.storage, info.name, self.cache)
 
-        if not info.storage.is_local:  # the node's first rank fills the cache; every rank then maps that copy
+        self._partial = False
+        if info.storage.is_local:
+            pass
+        elif (
+            want is not None
+            and self.rank.local_world_size < self.rank.world_size
+            and info.name.endswith(".safetensors")
+        ):
+            self._fetch_parts(info, want)
+            self._partial = True
+        else:  # the node's first rank fills the cache; every rank then maps that copy
             ranks.together(download, here=self.rank.is_local_master)
         with typed_io(info.uri, "loading"):
             # metrics play no part in resuming: a damaged metrics file must not stop a run from continuing
             return load_checkpoint(
                 info.storage, info.name, policy_architecture=self._architecture, allow=self.allow, cache=self.cache,
-                with_metrics=False,
+                with_metrics=False, partial=self._partial,
             )  # fmt: skip
+
+    def _fetch_parts(self, info: CheckpointInfo, want: Want) -> None:
+        """Every rank: the node cache gets the byte ranges this node's ranks read (they say which), fetched once."""
+        storage, name, cache = info.storage, info.name, self.cache
+        with typed_io(info.uri, "fetching headers into the node cache"):
+            ranks.together(lambda: cache_headers(storage, name, cache), here=self.rank.is_local_master)
+        node = ranks.node_id()
+        with typed_io(info.uri, "reading headers from the node cache"):
+            wanted = ranks.gather_results(lambda: (node, wanted_ranges(storage, name, cache, want)))
+        files: dict[str, list[tuple[int, int]] | None] = {}
+        for where, per_file in wanted:
+            for file, ranges in per_file.items() if where == node else ():
+                known = files.get(file, [])
+                files[file] = None if ranges is None or known is None else known + ranges
+        with typed_io(info.uri, "fetching this node's ranges into the node cache"):
+            ranks.together(lambda: cache_ranges(storage, cache, files), here=self.rank.is_local_master)
 
     def _read_trainer_state(self, info: CheckpointInfo, metadata: Mapping[str, str], restore_rng: bool) -> None:
         allow_missing = self.config.resume_without_trainer_state
         self.trainer_state, self._saved_optimizer, rng = self.manager.read_resume_state(
-            info, self.cache, metadata, allow_missing=allow_missing
+            info, self.cache, metadata, allow_missing=allow_missing, partial=self._partial
         )
         me, world = self.rank.rank, self.rank.world_size
         if restore_rng and len(rng) == world:
@@ -190,7 +222,7 @@ class Checkpointer:
             return False
 
         def load() -> None:
-            loaded = self._read(info)
+            loaded = self._read(info, sharded.resume_reads(model))
             if isinstance(loaded.weights, torch.nn.Module):
                 raise CheckpointFormatError(
                     f"{info.uri}: holds a pickled module, not a state dict to load into a model"

@@ -6,13 +6,18 @@ ckptio's additions live in the header's ``__metadata__`` (string to string):
 - ``ckptio.format``: format version; ``ckptio.architecture``: ``{"class_path", "config"}`` JSON;
   ``ckptio.epoch``; ``ckptio.aliases``: ``{alias: stored_key}`` for tied tensors stored once;
 - ``ckptio.crc32`` and ``ckptio.data_bytes``: a CRC-32 of the data section, computed while
-  streaming it out, and its length.
+  streaming it out, and its length;
+- ``ckptio.chunk_bytes`` and ``ckptio.chunk_crc32``: the CRC-32 of each chunk of the data section
+  (8 hex digits each, in order), computed in the same pass, so that a reader holding only some byte
+  ranges of the file can check them.
 """
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import io
+import itertools
 import json
 import logging
 import math
@@ -24,7 +29,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -36,6 +41,7 @@ except ImportError:  # platforms without an isal wheel
     from zlib import crc32
 
 from .errors import (
+    CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
     CheckpointSecurityError,
@@ -48,7 +54,14 @@ __all__ = [
     "SafetensorsHeader",
     "WRITER_KEYS",
     "alias_key",
+    "ChunkDigests",
+    "PartialTensors",
+    "StoredTensor",
+    "block_ranges",
+    "covers",
+    "merge_ranges",
     "check_digest",
+    "chunk_digests",
     "crc32_hex",
     "file_size",
     "load_pt",
@@ -82,7 +95,11 @@ log = logging.getLogger("ckptio")
 # torch dtypes of another shape; ckptio refuses them by name rather than calling the file corrupt.
 _UNSUPPORTED_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
 # Written by write_safetensors itself: a caller's metadata may not set them.
-WRITER_KEYS = frozenset({"ckptio.crc32", "ckptio.data_bytes", "ckptio.format", "ckptio.aliases"})
+WRITER_KEYS = frozenset(
+    {"ckptio.crc32", "ckptio.chunk_crc32", "ckptio.chunk_bytes", "ckptio.data_bytes", "ckptio.format", "ckptio.aliases"}
+)
+MIN_CHUNK_BYTES = 16 * 1024
+MAX_CHUNKS = 65536
 _INT64_MAX = 2**63 - 1
 _U64_LIMIT = 2**64
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in _DTYPES.items()}
@@ -210,28 +227,72 @@ def _prepare(
     return stored, aliases
 
 
+class _Digest:
+    """CRC-32s of a data section as it streams out: the whole section's, and each ``chunk_bytes`` chunk's.
+
+    The chunk digests let a reader that fetched only part of a file prove what it holds (a resume
+    on several nodes reads each node's ranges, not the whole file).
+    """
+
+    def __init__(self, chunk_bytes: int):
+        self.chunk_bytes = chunk_bytes
+        self.whole = 0
+        self.chunks: list[int] = []
+        self._crc, self._filled = 0, 0
+
+    def update(self, view: memoryview) -> None:
+        self.whole = crc32(view, self.whole)
+        while len(view):
+            take = min(len(view), self.chunk_bytes - self._filled)
+            self._crc = crc32(view[:take], self._crc)
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.chunk_bytes:
+                self.chunks.append(self._crc)
+                self._crc, self._filled = 0, 0
+
+    def finish(self) -> tuple[str, str]:
+        """(the whole section's digest, the chunks' digests), as the header stores them."""
+        if self._filled:
+            self.chunks.append(self._crc)
+            self._crc, self._filled = 0, 0
+        return f"{self.whole:08x}", "".join(f"{c:08x}" for c in self.chunks)
+
+
 class _Checksum:
-    """CRC-32 of chunks on a second thread while the caller writes them.
+    """The digests of chunks on a second thread while the caller writes them.
 
     The digest is one more pass over the data; it and write(2) both release the GIL, so on two
     cores it runs beside the writes rather than after them. The chunks must not change meanwhile.
     """
 
-    def __init__(self, chunks: list[memoryview]):
-        self._crc = 0
+    def __init__(self, chunks: list[memoryview], chunk_bytes: int):
+        self._digest = _Digest(chunk_bytes)
         self._thread = threading.Thread(target=self._run, args=(chunks,), name="ckptio-crc32", daemon=True)
         self._thread.start()
 
     def _run(self, chunks: list[memoryview]) -> None:
         for chunk in chunks:
-            self._crc = crc32(chunk, self._crc)
+            self._digest.update(chunk)
 
-    def result(self) -> str:
+    def result(self) -> tuple[str, str]:
         self._thread.join()
-        return f"{self._crc:08x}"
+        return self._digest.finish()
+
+
+def chunk_bytes_for(data_bytes: int) -> int:
+    """The chunk a file's data section is digested in: 16 KiB, doubled until it needs at most 65536 digests.
+
+    Small enough that a partial read rounds out by little, few enough that the header stays small.
+    """
+    size = MIN_CHUNK_BYTES
+    while data_bytes > size * MAX_CHUNKS:
+        size *= 2
+    return size
 
 
 _DIGEST_PREFIX = b'{"__metadata__":{"ckptio.crc32":"'
+_CHUNKS_INFIX = b'","ckptio.chunk_crc32":"'
 
 
 def write_safetensors(
@@ -259,9 +320,6 @@ def write_safetensors(
     if reserved:
         raise CheckpointFormatError(f"metadata keys {reserved} are written by ckptio itself and cannot be set")
     # the digest is the first metadata entry, so its place in the header is known without searching
-    meta = {"ckptio.crc32": "00000000", **user_meta, "ckptio.format": FORMAT_VERSION}
-    if aliases:
-        meta["ckptio.aliases"] = json.dumps(aliases)
     order = data_order(stored)
     offsets: dict[str, tuple[int, int]] = {}
     pos = 0
@@ -269,7 +327,12 @@ def write_safetensors(
         n = stored[key].numel() * stored[key].element_size()
         offsets[key] = (pos, pos + n)
         pos += n
-    meta["ckptio.data_bytes"] = str(pos)
+    chunk = chunk_bytes_for(pos)
+    # both digests lead the metadata, at places known without searching; the data fills them in
+    meta = {"ckptio.crc32": "00000000", "ckptio.chunk_crc32": "00000000" * -(-pos // chunk), **user_meta}
+    meta.update({"ckptio.format": FORMAT_VERSION, "ckptio.chunk_bytes": str(chunk), "ckptio.data_bytes": str(pos)})
+    if aliases:
+        meta["ckptio.aliases"] = json.dumps(aliases)
     header: dict[str, Any] = {"__metadata__": meta}
     for key, t in stored.items():
         header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": list(offsets[key])}
@@ -280,31 +343,40 @@ def write_safetensors(
             f"header of {len(hbytes)} bytes exceeds the {MAX_HEADER_BYTES}-byte safetensors limit ({len(stored)} tensors)"
         )
     digest_at = 8 + len(_DIGEST_PREFIX)
-    if hbytes[: len(_DIGEST_PREFIX)] != _DIGEST_PREFIX:  # json.dumps keeps insertion order; check anyway
-        raise AssertionError("ckptio.crc32 is not where the writer put it")
+    chunks_at = digest_at + 8 + len(_CHUNKS_INFIX)
+    # json.dumps keeps insertion order; check anyway
+    if (
+        hbytes[: len(_DIGEST_PREFIX)] != _DIGEST_PREFIX
+        or hbytes[chunks_at - 8 - len(_CHUNKS_INFIX) : chunks_at - 8] != _CHUNKS_INFIX
+    ):
+        raise AssertionError("the digests are not where the writer put them")
     start = f.tell()
     write_all(f, memoryview(struct.pack("<Q", len(hbytes)) + hbytes))
     if any(isinstance(t, LazyTensor) for t in stored.values()):
-        digest = _write_lazy(f, stored, order)
+        digest, chunk_digests = _write_lazy(f, stored, order, chunk)
     else:
-        chunks = [
+        pieces = [
             view[i : i + _CHUNK]
             for view in map(_as_bytes, (stored[k] for k in order))
             for i in range(0, len(view), _CHUNK)
         ]
-        crc = _Checksum(chunks)
+        crc = _Checksum(pieces, chunk)
         try:
-            for chunk in chunks:
-                write_all(f, chunk)
+            for piece in pieces:
+                write_all(f, piece)
         finally:
-            digest = crc.result()
+            digest, chunk_digests = crc.result()
     end = f.tell()
     f.seek(start + digest_at)
     write_all(f, memoryview(digest.encode()))
+    f.seek(start + chunks_at)
+    write_all(f, memoryview(chunk_digests.encode()))
     f.seek(end)
 
 
-def _write_lazy(f: IO[bytes], stored: Mapping[str, torch.Tensor | LazyTensor], order: list[str]) -> str:
+def _write_lazy(
+    f: IO[bytes], stored: Mapping[str, torch.Tensor | LazyTensor], order: list[str], chunk_bytes: int
+) -> tuple[str, str]:
     """Write tensors one at a time, materializing lazy ones on a second thread up to ``ahead`` tensors before the
     writer reaches them: a gather overlaps the previous tensor's write, and at most ``ahead`` + 1 materialized
     tensors are held. Materializing runs in writing order, one at a time (a gather's collectives stay ordered)."""
@@ -321,7 +393,7 @@ def _write_lazy(f: IO[bytes], stored: Mapping[str, torch.Tensor | LazyTensor], o
             pending[key] = pool.submit(stored[key].materialize, key)  # type: ignore[union-attr]
             submitted += 1
 
-    value = 0
+    digest = _Digest(chunk_bytes)
     try:
         for key in order:
             t = stored[key]
@@ -333,14 +405,14 @@ def _write_lazy(f: IO[bytes], stored: Mapping[str, torch.Tensor | LazyTensor], o
                 data = t
             view = _as_bytes(data)
             for i in range(0, len(view), _CHUNK):
-                chunk = view[i : i + _CHUNK]
-                write_all(f, chunk)
-                value = crc32(chunk, value)
+                piece = view[i : i + _CHUNK]
+                write_all(f, piece)
+                digest.update(piece)
             del data, view
     finally:
         # a failed write: what is not started never starts, what runs finishes (its collective completes)
         pool.shutdown(wait=True, cancel_futures=True)
-    return f"{value:08x}"
+    return digest.finish()
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,6 +653,156 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return key in self._entries or key in self._aliases
 
 
+@dataclass(frozen=True)
+class ChunkDigests:
+    """The per-chunk CRC-32s of a data section: chunk ``i`` is bytes ``[i * size, (i + 1) * size)`` of it."""
+
+    size: int
+    crcs: tuple[int, ...]
+    data_bytes: int
+
+    def span(self, begin: int, end: int) -> range:
+        """The chunks covering data bytes ``[begin, end)``."""
+        return range(begin // self.size, -(-end // self.size)) if end > begin else range(0)
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        return i * self.size, min((i + 1) * self.size, self.data_bytes)
+
+    def check(self, i: int, data: bytes | memoryview, source: str) -> None:
+        """Raise unless ``data`` is chunk ``i``'s exact content."""
+        got = crc32(data)
+        if got != self.crcs[i]:
+            begin, end = self.bounds(i)
+            raise CorruptCheckpointError(
+                f"{source}: data bytes [{begin}, {end}) do not match their digest "
+                f"(crc32 {got:08x}, header says {self.crcs[i]:08x})"
+            )
+
+
+def chunk_digests(hdr: SafetensorsHeader, source: str) -> ChunkDigests | None:
+    """The header's per-chunk digests (None in files written without them: older ckptio, other writers)."""
+    raw, size_s = hdr.metadata.get("ckptio.chunk_crc32"), hdr.metadata.get("ckptio.chunk_bytes")
+    if raw is None or size_s is None:
+        return None
+    data_bytes = hdr.file_size - hdr.data_start
+    size = int(size_s) if size_s.isdigit() else 0
+    count = -(-data_bytes // size) if size > 0 else -1
+    if count < 0 or len(raw) != 8 * count or (raw and not re.fullmatch(r"[0-9a-f]+", raw)):
+        raise CorruptCheckpointError(
+            f"{source}: invalid chunk digests in the header ({len(raw)} hex digits for {data_bytes} data bytes "
+            f"in chunks of {size_s!r})"
+        )
+    crcs = tuple(int(raw[i : i + 8], 16) for i in range(0, len(raw), 8))
+    return ChunkDigests(size, crcs, data_bytes)
+
+
+def block_ranges(
+    shape: tuple[int, ...], itemsize: int, offset: tuple[int, ...], block: tuple[int, ...], limit: int = 4096
+) -> list[tuple[int, int]]:
+    """The byte ranges, from the tensor's first byte, of a block of a row-major tensor.
+
+    Beyond ``limit`` separate runs, one span covering them all (reading more is safe, less is not).
+    """
+    if any(b == 0 for b in block):
+        return []
+    if not shape:
+        return [(0, itemsize)]
+    strides = [math.prod(shape[j + 1 :]) * itemsize for j in range(len(shape))]
+    k = len(shape) - 1
+    while k > 0 and block[k] == shape[k]:  # trailing whole dimensions make one run
+        k -= 1
+    run = block[k] * strides[k]
+    first = sum(o * s for o, s in zip(offset, strides, strict=True))
+    if math.prod(block[:k]) > limit:
+        last = sum((o + b - 1) * s for o, b, s in zip(offset, block, strides, strict=True)) + itemsize
+        return [(first, last)]
+    starts = (first + sum(i * s for i, s in zip(idx, strides, strict=False)) for idx in
+              itertools.product(*(range(b) for b in block[:k])))  # fmt: skip
+    return [(start, start + run) for start in starts]
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint, non-empty ranges covering exactly the given ones."""
+    merged: list[tuple[int, int]] = []
+    for begin, end in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and begin <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((begin, end))
+    return merged
+
+
+def covers(held: list[tuple[int, int]], begin: int, end: int) -> bool:
+    """Whether merged ranges ``held`` contain all of ``[begin, end)``."""
+    i = bisect.bisect_right(held, (begin, math.inf)) - 1
+    return end <= begin or (i >= 0 and held[i][0] <= begin and end <= held[i][1])
+
+
+class StoredTensor:
+    """A tensor of a file held only in part, not read yet: its dtype and shape, and reads of what is held."""
+
+    def __init__(self, tensors: PartialTensors, key: str):
+        self._tensors, self._key = tensors, key
+        self.dtype, self.shape = tensors._entries[key][0], torch.Size(tensors._entries[key][1])
+
+    def region(self, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        """The block at ``offset`` of ``shape`` (a view of the mapped file), once checked."""
+        return self._tensors.region(self._key, offset, shape)
+
+    def read(self) -> torch.Tensor:
+        return self._tensors.region(self._key, (0,) * len(self.shape), tuple(self.shape))
+
+    def stride(self) -> tuple[int, ...]:
+        return torch.empty(self.shape, device="meta").stride()
+
+
+class PartialTensors(LazyTensors):
+    """The tensors of a file of which only ``held`` data bytes are present (a node cache's ranges).
+
+    A tensor wholly held reads as usual; any other is a ``StoredTensor``, whose blocks read only
+    where held. Every read is first checked against the header's chunk digests: bytes that were
+    not fetched, or do not match, raise; they never read as zeros.
+    """
+
+    def __init__(self, tensors: LazyTensors, held: list[tuple[int, int]], chunks: ChunkDigests, source: str):
+        super().__init__(tensors._views, tensors._entries, tensors._aliases)
+        self._held, self._chunks, self._source = merge_ranges(held), chunks, source
+        self._checked: set[int] = set()
+
+    def _holds(self, begin: int, end: int) -> bool:
+        # whole chunks: only a whole chunk can be checked against its digest
+        span = self._chunks.span(begin, end)
+        return not span or covers(self._held, self._chunks.bounds(span.start)[0], self._chunks.bounds(span[-1])[1])
+
+    def _check(self, begin: int, end: int, key: str) -> None:
+        if not self._holds(begin, end):
+            raise CheckpointError(
+                f"{self._source}: tensor {key!r} needs data bytes [{begin}, {end}), which were not fetched into "
+                "the node cache (it holds only the ranges this node's ranks asked for)"
+            )
+        views = self._views
+        for i in self._chunks.span(begin, end):
+            if i not in self._checked:
+                cb, ce = self._chunks.bounds(i)
+                with memoryview(views.buf) as whole:
+                    self._chunks.check(i, whole[views.base + cb : views.base + ce], self._source)
+                self._checked.add(i)
+
+    def __getitem__(self, key: str) -> Any:
+        target = self._aliases.get(key, key)
+        _, _, begin, end = self._entries[target]
+        if not self._holds(begin, end):
+            return StoredTensor(self, target)
+        self._check(begin, end, target)
+        return super().__getitem__(key)
+
+    def region(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        dtype, full, begin, _ = self._entries[key]
+        for b, e in block_ranges(full, dtype.itemsize, offset, shape):
+            self._check(begin + b, begin + e, key)
+        return LazyTensors.__getitem__(self, key)[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+
+
 def verify_safetensors(f: IO[bytes], source: str) -> None:
     """Full check: header and offsets, then the CRC-32 of the data section against the header's."""
     if check_digest(f, source) is None:
@@ -594,21 +816,28 @@ def check_digest(f: IO[bytes], source: str) -> dict[str, str] | None:
     expected = hdr.metadata.get("ckptio.crc32")
     if expected is None:
         return None
+    chunks = chunk_digests(hdr, source)
+    digest = _Digest(chunks.size if chunks else _CHUNK)
     f.seek(hdr.data_start)
-    crc = 0
     buf = bytearray(min(_CHUNK, max(size - hdr.data_start, 1)))
     view = memoryview(buf)
     while True:
         n = f.readinto(view) if hasattr(f, "readinto") else None
         if n is None:
-            chunk = f.read(len(buf))
-            n = len(chunk)
-            view[:n] = chunk
+            piece = f.read(len(buf))
+            n = len(piece)
+            view[:n] = piece
         if not n:
             break
-        crc = crc32(view[:n], crc)
-    if f"{crc:08x}" != expected:
-        raise CorruptCheckpointError(f"{source}: content digest mismatch (crc32 {crc:08x}, header says {expected})")
+        digest.update(view[:n])
+    crc, per_chunk = digest.finish()
+    if crc != expected:
+        raise CorruptCheckpointError(f"{source}: content digest mismatch (crc32 {crc}, header says {expected})")
+    if chunks is not None and per_chunk != hdr.metadata["ckptio.chunk_crc32"]:
+        bad = next(i for i, c in enumerate(chunks.crcs) if f"{c:08x}" != per_chunk[8 * i : 8 * i + 8])
+        raise CorruptCheckpointError(
+            f"{source}: the header's digest of data bytes {list(chunks.bounds(bad))} does not match them"
+        )
     return hdr.metadata
 
 

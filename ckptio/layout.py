@@ -39,10 +39,17 @@ from .errors import (
 )
 from .formats import (
     MAX_HEADER_BYTES,
+    ChunkDigests,
+    PartialTensors,
+    SafetensorsHeader,
+    block_ranges,
+    chunk_digests,
+    covers,
     crc32_hex,
     file_size,
     load_pt,
     load_pt_object,
+    merge_ranges,
     pt_weights_key,
     read_header,
     read_safetensors,
@@ -65,6 +72,9 @@ __all__ = [
     "canonical_name",
     "checkpoint_base",
     "delete_checkpoint",
+    "Want",
+    "cache_headers",
+    "cache_ranges",
     "fetch_local",
     "format_of",
     "load_checkpoint",
@@ -76,6 +86,7 @@ __all__ = [
     "read_trainer_state",
     "state_dict_of",
     "write_checkpoint",
+    "wanted_ranges",
     "weights_name",
     "write_manifest",
 ]
@@ -509,19 +520,21 @@ def read_trainer_state(
     *,
     cache: NodeCache | None = None,
     verify: bool = True,
+    partial: bool = False,
 ) -> FlatTrainerState | None:
     """The trainer-state tensors and metadata saved with ``weights``; None if it was saved without.
 
     Mapped like the weights (a sharded optimizer takes only its ranks' blocks) and, by default,
-    checked against its digest: a resume must not continue from a damaged optimizer state.
+    checked against its digest: a resume must not continue from a damaged optimizer state. With
+    ``partial``, read from the ranges ``cache_ranges`` fetched (each chunk read is checked instead).
     """
     sidecars = Sidecars.of(weights, metadata, storage.url(weights), storage)
     name = sidecars.trainer
     if name is None:
         return None
     try:
-        local = fetch_local(storage, name, cache)
-        tensors, meta = read_weights(storage, name, verify=verify, local_path=local)
+        local, held = _local_copy(storage, name, cache, partial)
+        tensors, meta = read_weights(storage, name, verify=verify, local_path=local, held=held)
     except CheckpointNotFoundError:
         if sidecars.declared:
             _raise_missing(storage, weights, metadata, sidecars, name)
@@ -612,10 +625,13 @@ def read_weights(
     trusted: bool = False,
     verify: bool = False,
     local_path: str | None = None,
+    held: list[tuple[int, int]] | None = None,
 ) -> tuple[Mapping[str, torch.Tensor] | torch.nn.Module, dict[str, str]]:
     """Tensors (or a trusted pickled module) and header metadata of one weights file.
 
-    ``mmap=None`` maps local-disk files and reads network-filesystem files eagerly.
+    ``mmap=None`` maps local-disk files and reads network-filesystem files eagerly. ``held``: the
+    byte ranges a partial node-cache entry at ``local_path`` holds (its tensors are then read only
+    where held, each chunk checked against its digest).
     """
     source = storage.url(name)
     path = local_path or storage.local_path(name)
@@ -623,12 +639,24 @@ def read_weights(
         mmap = path is not None and not is_network_filesystem(path)
     with open_weights(storage, name, local_path) as f:
         if name.endswith(".safetensors"):
+            if held is not None and not covers(held, 0, file_size(f)):
+                return _read_partial(f, source, held)
             if verify:
                 verify_safetensors(f, source)
             return read_safetensors(f, source, mmap_file=mmap and path is not None)
         if name.endswith(".pt"):
             return load_pt(f, source, trusted=trusted, mmap_file=mmap and path is not None)
     raise CheckpointFormatError(f"{source}: unknown checkpoint extension (expected .safetensors or .pt)")
+
+
+def _read_partial(f: IO[bytes], source: str, held: list[tuple[int, int]]) -> tuple[PartialTensors, dict[str, str]]:
+    hdr = read_header(f, file_size(f), source) if covers(held, 0, 8) else None
+    chunks = chunk_digests(hdr, source) if hdr is not None and covers(held, 0, hdr.data_start) else None
+    if hdr is None or chunks is None:
+        raise CheckpointError(f"{source}: the node cache holds part of it without its header or chunk digests")
+    tensors, metadata = read_safetensors(f, source)
+    data = [(max(b, hdr.data_start) - hdr.data_start, e - hdr.data_start) for b, e in held if e > hdr.data_start]
+    return PartialTensors(tensors, data, chunks, source), metadata
 
 
 def epoch_of(name: str, metadata: Mapping[str, str]) -> int | None:
@@ -659,6 +687,18 @@ def fetch_local(storage: Storage, name: str, cache: NodeCache | None) -> str | N
     return None if storage.is_local else (cache or NodeCache()).fetch(storage, name)
 
 
+def _local_copy(
+    storage: Storage, name: str, cache: NodeCache | None, partial: bool
+) -> tuple[str | None, list[tuple[int, int]] | None]:
+    """Where to read ``name`` from, and (with ``partial``) the ranges held there: the node cache's partial
+    entry as ``cache_ranges`` filled it, or else (without one) its whole copy."""
+    if partial and not storage.is_local:
+        path, held = (cache or NodeCache()).partial(storage, name)
+        if held:
+            return path, held
+    return fetch_local(storage, name, cache), None
+
+
 def cache_checkpoint(storage: Storage, name: str, cache: NodeCache | None) -> None:
     """Fill the node cache with the files a resume maps: the weights and the trainer state."""
     if storage.is_local:
@@ -667,6 +707,90 @@ def cache_checkpoint(storage: Storage, name: str, cache: NodeCache | None) -> No
     trainer = Sidecars.of(name, read_metadata(storage, name, local), storage.url(name)).trainer
     if trainer is not None and storage.exists(trainer):
         fetch_local(storage, trainer, cache)
+
+
+# a first ranged read of a header: enough for most headers (chunk digests included) in one request
+HEADER_GUESS = 64 * 1024
+# where a tensor is wanted: (offset, shape) of the block a rank reads, None where it reads none of it
+Want = Callable[[str, str, tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]] | None]
+
+
+def _cached_header(storage: Storage, name: str, cache: NodeCache) -> SafetensorsHeader:
+    path, held = cache.fetch_ranges(storage, name, [(0, HEADER_GUESS)])
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > held[0][1] and n <= MAX_HEADER_BYTES:
+            path, held = cache.fetch_ranges(storage, name, [(0, 8 + n)])
+        return read_header(f, file_size(f), storage.url(name))
+
+
+def trainer_name(storage: Storage, weights: str, metadata: Mapping[str, str]) -> str | None:
+    """The trainer-state sidecar a weights header names (None without)."""
+    return Sidecars.of(weights, metadata, storage.url(weights)).trainer
+
+
+def cache_headers(storage: Storage, name: str, cache: NodeCache) -> None:
+    """Put the headers of a checkpoint's tensor files (weights, trainer state) into the node cache."""
+    hdr = _cached_header(storage, name, cache)
+    trainer = trainer_name(storage, name, hdr.metadata)
+    if trainer is not None and storage.exists(trainer):
+        _cached_header(storage, trainer, cache)
+
+
+def wanted_ranges(storage: Storage, name: str, cache: NodeCache, want: Want) -> dict[str, list[tuple[int, int]] | None]:
+    """The byte ranges of a checkpoint's tensor files one rank reads, by file, from headers already cached.
+
+    A file without chunk digests (from older ckptio or another writer) is wanted whole (None): a part of it
+    could not be checked.
+    """
+    out: dict[str, list[tuple[int, int]] | None] = {}
+    labels = {name: "weights"}
+    hdr = _cached_header(storage, name, cache)
+    trainer = trainer_name(storage, name, hdr.metadata)
+    if trainer is not None and storage.exists(trainer):
+        labels[trainer] = "trainer"
+    for file, label in labels.items():
+        hdr = _cached_header(storage, file, cache)
+        chunks = chunk_digests(hdr, storage.url(file))
+        if chunks is None:
+            out[file] = None
+            continue
+        by_key: dict[str, list[str]] = {}
+        for alias, target in json.loads(hdr.metadata.get("ckptio.aliases") or "{}").items():
+            by_key.setdefault(target, []).append(alias)
+        ranges = [(0, hdr.data_start)]
+        for key, (dtype, shape, begin, _) in hdr.entries.items():
+            for wanted_as in [key, *by_key.get(key, [])]:
+                block = want(label, wanted_as, shape)
+                if block is None:
+                    continue
+                at = hdr.data_start + begin
+                ranges += [(at + b, at + e) for b, e in block_ranges(shape, dtype.itemsize, *block)]
+        out[file] = merge_ranges(ranges)  # the cache widens them to whole chunks
+    return out
+
+
+def cache_ranges(storage: Storage, cache: NodeCache, files: Mapping[str, list[tuple[int, int]] | None]) -> None:
+    """Fetch the given byte ranges of each file into the node cache (None: the whole file), checking every chunk."""
+    for file, ranges in files.items():
+        if ranges is None:
+            cache.fetch(storage, file)
+            continue
+        hdr = _cached_header(storage, file, cache)
+        source = storage.url(file)
+        chunks = chunk_digests(hdr, source)
+        assert chunks is not None
+
+        def check(
+            start: int, data: bytes, chunks: ChunkDigests = chunks, at: int = hdr.data_start, source: str = source
+        ) -> None:
+            if start < at:
+                return  # the header: validated when read
+            for i in chunks.span(start - at, start - at + len(data)):
+                b, e = chunks.bounds(i)
+                chunks.check(i, memoryview(data)[b + at - start : e + at - start], source)
+
+        cache.fetch_ranges(storage, file, ranges, check, grain=(hdr.data_start, chunks.size))
 
 
 def load_checkpoint(
@@ -680,14 +804,18 @@ def load_checkpoint(
     allow: Iterable[str] = (),
     cache: NodeCache | None = None,
     with_metrics: bool = True,
+    partial: bool = False,
 ) -> LoadedCheckpoint:
     """Read weights file ``name`` with its metrics and architecture (imported through the allow-list).
 
-    With ``verify``, every file of the checkpoint is checked against its digest first.
+    With ``verify``, every file of the checkpoint is checked against its digest first. With
+    ``partial``, a remote file is read from the ranges ``cache_ranges`` put in the node cache.
     """
     source = storage.url(name)
-    local_path = fetch_local(storage, name, cache)
-    obj, metadata = read_weights(storage, name, mmap=mmap, trusted=trusted, verify=verify, local_path=local_path)
+    local_path, held = _local_copy(storage, name, cache, partial)
+    obj, metadata = read_weights(
+        storage, name, mmap=mmap, trusted=trusted, verify=verify, local_path=local_path, held=held
+    )
     if isinstance(obj, torch.nn.Module):
         return LoadedCheckpoint(source, obj, metadata, None, None, None)
     metrics = read_metrics(storage, name, metadata) if with_metrics else None

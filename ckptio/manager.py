@@ -204,22 +204,34 @@ class CheckpointManager:
         return load_latest(self.latest, policy_architecture=policy_architecture, **kwargs)
 
     def read_trainer_state(
-        self, info: CheckpointInfo, cache: NodeCache | None = None, metadata: Mapping[str, str] | None = None
+        self,
+        info: CheckpointInfo,
+        cache: NodeCache | None = None,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        partial: bool = False,
     ) -> FlatTrainerState | None:
-        """The trainer state saved with a checkpoint (digest checked); None if it was saved without."""
+        """The trainer state saved with a checkpoint (digest checked); None if it was saved without. With
+        ``partial``: from the ranges of it this node fetched (``layout.cache_ranges``), each read chunk checked."""
         if metadata is None:
             metadata = read_metadata(info.storage, info.name, local_path=fetch_local(info.storage, info.name, cache))
-        return read_trainer_state(info.storage, info.name, metadata, cache=cache)
+        return read_trainer_state(info.storage, info.name, metadata, cache=cache, partial=partial)
 
     def read_resume_state(
-        self, info: CheckpointInfo, cache: NodeCache | None, metadata: Mapping[str, str], *, allow_missing: bool
+        self,
+        info: CheckpointInfo,
+        cache: NodeCache | None,
+        metadata: Mapping[str, str],
+        *,
+        allow_missing: bool,
+        partial: bool = False,
     ) -> tuple[Any, Any, list[Any]]:
         """What a resume restores besides the weights: (the user's trainer state, the FQN-keyed optimizer state,
         each rank's RNG state). A missing or damaged trainer-state file raises, unless ``allow_missing`` (a
         warning, and nothing restored); a .pt training checkpoint gives its optimizer and the rest as they are."""
         try:
             with typed_io(info.uri, "reading the trainer state"):
-                raw = self.read_trainer_state(info, cache, metadata)
+                raw = self.read_trainer_state(info, cache, metadata, partial=partial)
         except CheckpointNotFoundError:
             raise
         except CheckpointError as e:

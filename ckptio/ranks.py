@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import pickle
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,12 @@ def rank_info() -> RankInfo:
         return RankInfo()
     rank = _env_int("RANK", 0)
     return RankInfo(rank, dist.get_node_local_rank(fallback_rank=0), world, _env_int("LOCAL_WORLD_SIZE", world))
+
+
+def node_id() -> str:
+    """Which node this process runs on: torchrun's node rank (GROUP_RANK) where it set one, else the host name."""
+    group = os.environ.get("GROUP_RANK")
+    return f"node {group}" if group is not None else socket.gethostname()
 
 
 def is_master() -> bool:

@@ -46,7 +46,7 @@ from .errors import (
     StateDictMismatchError,
     save_failed,
 )
-from .formats import LazyTensor
+from .formats import LazyTensor, StoredTensor
 from .layout import PendingSave, named_parameters
 from .ranks import Handoff, all_gather_object, raise_together
 from .trainer_state import FlatTrainerState, capture_rng_state, flatten
@@ -56,6 +56,7 @@ __all__ = [
     "ShardedSave",
     "has_dtensors",
     "load_model_state",
+    "resume_reads",
     "load_optimizer_state",
     "model_state",
     "new_group",
@@ -411,10 +412,43 @@ class ShardedSave:
                 log.error("could not tell the other ranks the save failed: %r", e)
 
 
-def _local_part(full: torch.Tensor, like: DTensor) -> DTensor:
+def resume_reads(model: torch.nn.Module) -> Callable[[str, str, tuple[int, ...]], Any]:
+    """What this rank reads of a checkpoint to resume ``model`` (see ``layout.Want``): its block of each sharded
+    parameter and of the optimizer state shaped like it, every other tensor whole; nothing of tensors it lacks."""
+    current = model_state(model)
+    blocks = {
+        fqn: (tuple(v.shape), _placement_block(tuple(v.shape), v.device_mesh, tuple(v.placements)))
+        for fqn, v in current.items()
+        if isinstance(v, DTensor)
+    }
+
+    def want(label: str, key: str, shape: tuple[int, ...]) -> Any:
+        fqn = key
+        if label == "trainer":  # "12:/optimizer/state/<fqn>/exp_avg" (see trainer_state.flatten)
+            path = key.split(":", 1)[-1]
+            fqn = (
+                path.removeprefix("/optimizer/state/").rpartition("/")[0]
+                if path.startswith("/optimizer/state/")
+                else ""
+            )
+        elif key not in current:
+            return None
+        if fqn in blocks and blocks[fqn][0] == tuple(shape):
+            local_shape, offset = blocks[fqn][1]
+            return tuple(offset), tuple(local_shape)
+        return (0,) * len(shape), tuple(shape)
+
+    return want
+
+
+def _whole(t: torch.Tensor | StoredTensor) -> torch.Tensor:
+    return t.read() if isinstance(t, StoredTensor) else t
+
+
+def _local_part(full: torch.Tensor | StoredTensor, like: DTensor) -> DTensor:
     """``like``'s own block of ``full`` as a DTensor: a view of the mapped file, read when copied."""
     block = _Block(*_placement_block(tuple(full.shape), like.device_mesh, tuple(like.placements)))
-    part = _region(full, block)
+    part = full.region(block.offset, block.shape) if isinstance(full, StoredTensor) else _region(full, block)
     if like.device_mesh.device_type != "cpu":
         part = part.to(like.device_mesh.device_type)
     return DTensor.from_local(
@@ -442,7 +476,7 @@ def load_model_state(model: torch.nn.Module, saved: Mapping[str, torch.Tensor], 
     """Fill ``model`` (sharded or not, possibly on ``meta``) from full saved tensors: each rank copies its block."""
     current = model_state(model)
     _diff(saved, current, source)
-    new = {k: _local_part(saved[k], v) if isinstance(v, DTensor) else saved[k] for k, v in current.items()}
+    new = {k: _local_part(saved[k], v) if isinstance(v, DTensor) else _whole(saved[k]) for k, v in current.items()}
     set_model_state_dict(model, new, options=StateDictOptions(strict=True))
 
 
@@ -458,15 +492,19 @@ def load_optimizer_state(
         p = params[fqn]
         state[fqn] = {}
         for k, v in entry.items():
-            if isinstance(v, torch.Tensor) and isinstance(p, DTensor) and tuple(v.shape) == tuple(p.shape):
+            if (
+                isinstance(v, (torch.Tensor, StoredTensor))
+                and isinstance(p, DTensor)
+                and tuple(v.shape) == tuple(p.shape)
+            ):
                 local = _local_part(v, p)
                 # its own memory: the optimizer updates it in place, and must not keep the file mapped
                 state[fqn][k] = DTensor.from_local(
                     local.to_local().clone(), p.device_mesh, p.placements, run_check=False, shape=p.shape,
                     stride=p.stride(),
                 )  # fmt: skip
-            elif isinstance(v, torch.Tensor):
-                state[fqn][k] = v.clone()
+            elif isinstance(v, (torch.Tensor, StoredTensor)):
+                state[fqn][k] = _whole(v).clone()
             else:
                 state[fqn][k] = v
     with _optimizer_as_it_is():  # a saved optimizer without state loads as one without state

@@ -1,4 +1,4 @@
-"""A real S3-compatible HTTP server (moto's) on 127.0.0.1 that logs each request, for the tests.
+"""A real S3-compatible HTTP server (moto's) on 127.0.0.1 that logs each request (and its Range), for the tests.
 
 python tests/s3_server.py --port 0 --log requests.log   # prints "PORT <n>" when serving
 """
@@ -24,7 +24,10 @@ def main() -> None:
 
     def logged(environ, start_response):
         with lock:
-            log.write(f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO', '')}?{environ.get('QUERY_STRING', '')}\n")
+            ranged = f" range={environ['HTTP_RANGE']}" if "HTTP_RANGE" in environ else ""
+            log.write(
+                f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO', '')}?{environ.get('QUERY_STRING', '')}{ranged}\n"
+            )
         return app(environ, start_response)
 
     server = make_server("127.0.0.1", args.port, logged, threaded=True)
