@@ -12,6 +12,7 @@ disk; a partial entry is only ever read through that record.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import contextlib
 import fcntl
@@ -19,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from .errors import StorageError
 from .storage import Storage, atomic_file
@@ -32,36 +33,50 @@ DEFAULT_MAX_BYTES = 64 << 30
 PARTIAL = ".partial"  # a partial entry's data; its record of held ranges adds HELD
 HELD = ".held"
 RANGE_PIECE = 8 << 20  # one ranged GET: large enough to stream, small enough that several run at once
-RANGE_WORKERS = 8
+RANGE_WORKERS = 16  # concurrent ranged reads: a request's latency, not bandwidth, limits a node fetching many ranges
+RANGE_GAP = 32 * 1024  # ranges closer than this are read as one: a request costs more than these bytes
 
 Ranges = list[tuple[int, int]]
 
 
-def _merge(ranges: Ranges) -> Ranges:
+def _merge(ranges: Ranges, gap: int = 0) -> Ranges:
     merged: Ranges = []
     for begin, end in sorted(r for r in ranges if r[1] > r[0]):
-        if merged and begin <= merged[-1][1]:
+        if merged and begin <= merged[-1][1] + gap:
             merged[-1] = (merged[-1][0], max(merged[-1][1], end))
         else:
             merged.append((begin, end))
     return merged
 
 
-def _pieces(ranges: Ranges, grain: tuple[int, int] | None, size: int, most: int = RANGE_PIECE) -> Ranges:
-    """``ranges`` widened to whole grains (``origin + k * step``) past ``origin``, in pieces of at most about ``most``
-    split on grains."""
-    origin, step = grain or (0, 1)
-    most = max(step, most // step * step)
+def _widen(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
+    """``ranges`` widened to the nearest ``cuts`` (sorted offsets, the file's digested chunks) around them."""
+    if not cuts:
+        return _merge(ranges)
     out: Ranges = []
     for begin, end in ranges:
-        if begin < origin:
-            out.append((begin, min(end, origin)))
-            begin = origin
-        if begin >= end:
-            continue
-        begin = origin + (begin - origin) // step * step
-        end = min(size, origin + -(-(end - origin) // step) * step)
-        out += [(p, min(end, p + most)) for p in range(begin, end, most)]
+        if begin < cuts[0]:
+            out.append((begin, min(end, cuts[0])))
+            begin = cuts[0]
+        if begin < end:
+            j = bisect.bisect_left(cuts, end)
+            out.append((cuts[bisect.bisect_right(cuts, begin) - 1], cuts[j] if j < len(cuts) else size))
+    return _merge(out)
+
+
+def _pieces(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
+    """Ranged reads of about ``RANGE_PIECE`` bytes covering ``ranges``, cut only at ``cuts`` (past the first)."""
+    out: Ranges = []
+    for begin, end in ranges:
+        p = begin
+        while p < end:
+            if not cuts or p + RANGE_PIECE < cuts[0]:
+                q = p + RANGE_PIECE
+            else:
+                k = bisect.bisect_right(cuts, p + RANGE_PIECE) - 1
+                q = cuts[k] if cuts[k] > p else next(iter(cuts[bisect.bisect_right(cuts, p) :]), size)
+            out.append((p, min(q, end)))
+            p = min(q, end)
     return out
 
 
@@ -143,25 +158,25 @@ class NodeCache:
         name: str,
         ranges: Ranges,
         check: Callable[[int, bytes], None] | None = None,
-        grain: tuple[int, int] | None = None,
+        cuts: Sequence[int] = (),
     ) -> tuple[str, Ranges]:
         """A local path holding at least byte ``ranges`` of ``name``, and every range it holds there.
 
-        Ranges not yet held are fetched with concurrent ranged reads, in whole grains
-        ``(origin, step)`` beyond ``origin`` (the file's digested chunks); ``check(start, data)``
-        may refuse a piece (its digest) before it is written. A failed fetch raises after recording the
+        Ranges not yet held are fetched with concurrent ranged reads, widened to and cut only at
+        ``cuts`` (sorted offsets: the file's digested chunks), so ``check(start, data)`` sees whole
+        chunks and may refuse a piece (its digest) before it is written. A failed fetch raises after recording the
         pieces that completed; nothing is recorded that was not wholly fetched, checked and synced.
         """
         path, held = self.partial(storage, name)
         if not path.endswith(PARTIAL):
             return path, held  # a full entry
         size = storage.info(name).size
-        wanted = _merge(_pieces([(max(0, b), min(size, e)) for b, e in ranges], grain, size, most=size))
+        wanted = _widen(_merge([(max(0, b), min(size, e)) for b, e in ranges], RANGE_GAP), cuts, size)
         with self._locked(path, size) as fd:
             path, held = self.partial(storage, name)  # another process may have filled it meanwhile
             if not path.endswith(PARTIAL):
                 return path, held
-            todo = _pieces(_missing(wanted, held), grain, size)
+            todo = _pieces(_widen(_missing(wanted, held), cuts, size), cuts, size)
             done: Ranges = []
             try:
                 self._fetch_pieces(storage, name, fd, todo, check, done)

@@ -228,34 +228,37 @@ def _prepare(
 
 
 class _Digest:
-    """CRC-32s of a data section as it streams out: the whole section's, and each ``chunk_bytes`` chunk's.
+    """CRC-32s of a data section as it streams out: the whole section's, and each chunk's.
 
+    Chunks start at ``starts`` (see ``chunk_starts``: each tensor's bytes in chunks of its own).
     The chunk digests let a reader that fetched only part of a file prove what it holds (a resume
     on several nodes reads each node's ranges, not the whole file).
     """
 
-    def __init__(self, chunk_bytes: int):
-        self.chunk_bytes = chunk_bytes
+    def __init__(self, starts: list[int]):
         self.whole = 0
         self.chunks: list[int] = []
-        self._crc, self._filled = 0, 0
+        self._bounds = starts[1:]  # where the chunk being filled ends, then the next ones
+        self._pos, self._crc, self._filled = 0, 0, False
 
     def update(self, view: memoryview) -> None:
         self.whole = crc32(view, self.whole)
         while len(view):
-            take = min(len(view), self.chunk_bytes - self._filled)
+            end = self._bounds[len(self.chunks)] if len(self.chunks) < len(self._bounds) else math.inf
+            take = int(min(len(view), end - self._pos))
             self._crc = crc32(view[:take], self._crc)
-            self._filled += take
+            self._pos += take
+            self._filled = True
             view = view[take:]
-            if self._filled == self.chunk_bytes:
+            if self._pos == end:
                 self.chunks.append(self._crc)
-                self._crc, self._filled = 0, 0
+                self._crc, self._filled = 0, False
 
     def finish(self) -> tuple[str, str]:
         """(the whole section's digest, the chunks' digests), as the header stores them."""
         if self._filled:
             self.chunks.append(self._crc)
-            self._crc, self._filled = 0, 0
+            self._crc, self._filled = 0, False
         return f"{self.whole:08x}", "".join(f"{c:08x}" for c in self.chunks)
 
 
@@ -266,8 +269,8 @@ class _Checksum:
     cores it runs beside the writes rather than after them. The chunks must not change meanwhile.
     """
 
-    def __init__(self, chunks: list[memoryview], chunk_bytes: int):
-        self._digest = _Digest(chunk_bytes)
+    def __init__(self, chunks: list[memoryview], starts: list[int]):
+        self._digest = _Digest(starts)
         self._thread = threading.Thread(target=self._run, args=(chunks,), name="ckptio-crc32", daemon=True)
         self._thread.start()
 
@@ -281,7 +284,7 @@ class _Checksum:
 
 
 def chunk_bytes_for(data_bytes: int) -> int:
-    """The chunk a file's data section is digested in: 16 KiB, doubled until it needs at most 65536 digests.
+    """The chunk a file's data is digested in: 16 KiB, doubled until about 65536 chunks cover it.
 
     Small enough that a partial read rounds out by little, few enough that the header stays small.
     """
@@ -289,6 +292,13 @@ def chunk_bytes_for(data_bytes: int) -> int:
     while data_bytes > size * MAX_CHUNKS:
         size *= 2
     return size
+
+
+def chunk_starts(spans: Iterable[tuple[int, int]], chunk_bytes: int) -> list[int]:
+    """Where each digested chunk starts in the data section: every tensor's bytes ``(begin, end)``, in file order,
+    cut into chunks of ``chunk_bytes`` from its own first byte (so a block of one tensor never rounds out into
+    its neighbours)."""
+    return [p for begin, end in spans for p in range(begin, end, chunk_bytes)]
 
 
 _DIGEST_PREFIX = b'{"__metadata__":{"ckptio.crc32":"'
@@ -328,8 +338,9 @@ def write_safetensors(
         offsets[key] = (pos, pos + n)
         pos += n
     chunk = chunk_bytes_for(pos)
+    starts = chunk_starts((offsets[k] for k in order), chunk)
     # both digests lead the metadata, at places known without searching; the data fills them in
-    meta = {"ckptio.crc32": "00000000", "ckptio.chunk_crc32": "00000000" * -(-pos // chunk), **user_meta}
+    meta = {"ckptio.crc32": "00000000", "ckptio.chunk_crc32": "00000000" * len(starts), **user_meta}
     meta.update({"ckptio.format": FORMAT_VERSION, "ckptio.chunk_bytes": str(chunk), "ckptio.data_bytes": str(pos)})
     if aliases:
         meta["ckptio.aliases"] = json.dumps(aliases)
@@ -353,14 +364,14 @@ def write_safetensors(
     start = f.tell()
     write_all(f, memoryview(struct.pack("<Q", len(hbytes)) + hbytes))
     if any(isinstance(t, LazyTensor) for t in stored.values()):
-        digest, chunk_digests = _write_lazy(f, stored, order, chunk)
+        digest, chunk_digests = _write_lazy(f, stored, order, starts)
     else:
         pieces = [
             view[i : i + _CHUNK]
             for view in map(_as_bytes, (stored[k] for k in order))
             for i in range(0, len(view), _CHUNK)
         ]
-        crc = _Checksum(pieces, chunk)
+        crc = _Checksum(pieces, starts)
         try:
             for piece in pieces:
                 write_all(f, piece)
@@ -375,7 +386,7 @@ def write_safetensors(
 
 
 def _write_lazy(
-    f: IO[bytes], stored: Mapping[str, torch.Tensor | LazyTensor], order: list[str], chunk_bytes: int
+    f: IO[bytes], stored: Mapping[str, torch.Tensor | LazyTensor], order: list[str], starts: list[int]
 ) -> tuple[str, str]:
     """Write tensors one at a time, materializing lazy ones on a second thread up to ``ahead`` tensors before the
     writer reaches them: a gather overlaps the previous tensor's write, and at most ``ahead`` + 1 materialized
@@ -393,7 +404,7 @@ def _write_lazy(
             pending[key] = pool.submit(stored[key].materialize, key)  # type: ignore[union-attr]
             submitted += 1
 
-    digest = _Digest(chunk_bytes)
+    digest = _Digest(starts)
     try:
         for key in order:
             t = stored[key]
@@ -655,18 +666,20 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
 @dataclass(frozen=True)
 class ChunkDigests:
-    """The per-chunk CRC-32s of a data section: chunk ``i`` is bytes ``[i * size, (i + 1) * size)`` of it."""
+    """The per-chunk CRC-32s of a data section: chunk ``i`` is data bytes ``[starts[i], starts[i + 1])``."""
 
-    size: int
+    starts: tuple[int, ...]
     crcs: tuple[int, ...]
     data_bytes: int
 
     def span(self, begin: int, end: int) -> range:
         """The chunks covering data bytes ``[begin, end)``."""
-        return range(begin // self.size, -(-end // self.size)) if end > begin else range(0)
+        if end <= begin:
+            return range(0)
+        return range(bisect.bisect_right(self.starts, begin) - 1, bisect.bisect_left(self.starts, end))
 
     def bounds(self, i: int) -> tuple[int, int]:
-        return i * self.size, min((i + 1) * self.size, self.data_bytes)
+        return self.starts[i], self.starts[i + 1] if i + 1 < len(self.starts) else self.data_bytes
 
     def check(self, i: int, data: bytes | memoryview, source: str) -> None:
         """Raise unless ``data`` is chunk ``i``'s exact content."""
@@ -684,16 +697,14 @@ def chunk_digests(hdr: SafetensorsHeader, source: str) -> ChunkDigests | None:
     raw, size_s = hdr.metadata.get("ckptio.chunk_crc32"), hdr.metadata.get("ckptio.chunk_bytes")
     if raw is None or size_s is None:
         return None
-    data_bytes = hdr.file_size - hdr.data_start
-    size = int(size_s) if size_s.isdigit() else 0
-    count = -(-data_bytes // size) if size > 0 else -1
-    if count < 0 or len(raw) != 8 * count or (raw and not re.fullmatch(r"[0-9a-f]+", raw)):
+    size = int(size_s) if size_s.isdigit() and len(size_s) < 16 else 0
+    starts = chunk_starts(sorted((b, e) for _, _, b, e in hdr.entries.values()), size) if size > 0 else []
+    if size <= 0 or len(raw) != 8 * len(starts) or (raw and not re.fullmatch(r"[0-9a-f]+", raw)):
         raise CorruptCheckpointError(
-            f"{source}: invalid chunk digests in the header ({len(raw)} hex digits for {data_bytes} data bytes "
-            f"in chunks of {size_s!r})"
+            f"{source}: invalid chunk digests in the header ({len(raw)} hex digits for chunks of {size_s!r} bytes)"
         )
     crcs = tuple(int(raw[i : i + 8], 16) for i in range(0, len(raw), 8))
-    return ChunkDigests(size, crcs, data_bytes)
+    return ChunkDigests(tuple(starts), crcs, hdr.file_size - hdr.data_start)
 
 
 def block_ranges(
@@ -817,7 +828,7 @@ def check_digest(f: IO[bytes], source: str) -> dict[str, str] | None:
     if expected is None:
         return None
     chunks = chunk_digests(hdr, source)
-    digest = _Digest(chunks.size if chunks else _CHUNK)
+    digest = _Digest(list(chunks.starts) if chunks else [0])
     f.seek(hdr.data_start)
     buf = bytearray(min(_CHUNK, max(size - hdr.data_start, 1)))
     view = memoryview(buf)
@@ -836,7 +847,8 @@ def check_digest(f: IO[bytes], source: str) -> dict[str, str] | None:
     if chunks is not None and per_chunk != hdr.metadata["ckptio.chunk_crc32"]:
         bad = next(i for i, c in enumerate(chunks.crcs) if f"{c:08x}" != per_chunk[8 * i : 8 * i + 8])
         raise CorruptCheckpointError(
-            f"{source}: the header's digest of data bytes {list(chunks.bounds(bad))} does not match them"
+            f"{source}: the header's digest of data bytes [{chunks.bounds(bad)[0]}, {chunks.bounds(bad)[1]}) does not "
+            "match them"
         )
     return hdr.metadata
 

@@ -790,7 +790,8 @@ def cache_ranges(storage: Storage, cache: NodeCache, files: Mapping[str, list[tu
                 b, e = chunks.bounds(i)
                 chunks.check(i, memoryview(data)[b + at - start : e + at - start], source)
 
-        cache.fetch_ranges(storage, file, ranges, check, grain=(hdr.data_start, chunks.size))
+        cuts = [hdr.data_start + start for start in chunks.starts]
+        cache.fetch_ranges(storage, file, ranges, check, cuts=cuts)
 
 
 def load_checkpoint(

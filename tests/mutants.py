@@ -43,6 +43,7 @@ CLI, SHARDED, TORCHRUN, REFERENCE = (
     T + "test_torchrun.py",
     T + "test_reference.py",
 )
+RANGES, NODES = T + "test_ranges.py", T + "test_nodes.py"
 AGREE = SHARDED + "::test_ranks_that_disagree_fail_together_within_seconds_and_write_nothing[2]"
 FAIL_TOGETHER = TORCHRUN + "::test_one_rank_failing_inside_a_collective_operation_stops_every_rank"
 MASTER_FAILS = TORCHRUN + "::test_a_failure_on_the_master_during_resume_reaches_every_rank"
@@ -720,5 +721,70 @@ MUTANTS: list[Mutant] = [
         "",
         "the documented ckptio.allow_architecture_modules is gone",
         (T + "test_artifact.py::test_user_can_extend_allow_list",),
+    ),
+    # -- partial reads: a node fetches only its ranks' ranges ----------------------------------------
+    Mutant(
+        "formats.chunks-cross-tensors",
+        "formats.py",
+        "return [p for begin, end in spans for p in range(begin, end, chunk_bytes)]",
+        "return list(range(0, max((e for _, e in spans), default=0), chunk_bytes))",
+        "chunks run across tensor boundaries: a node's block rounds out into its neighbours",
+        (RANGES + "::test_each_tensor_is_digested_in_chunks_of_its_own_that_the_file_digest_agrees_with",),
+    ),
+    Mutant(
+        "formats.partial-serves-unheld",
+        "formats.py",
+        "        if not self._holds(begin, end):\n            raise CheckpointError(",
+        "        if False:\n            raise CheckpointError(",
+        "a partial copy serves bytes that were never fetched",
+        (RANGES + "::test_a_partial_copy_reads_only_held_chunks_and_checks_each",),
+    ),
+    Mutant(
+        "formats.partial-unchecked",
+        "formats.py",
+        "            if i not in self._checked:",
+        "            if False:",
+        "a partial read is not checked against its chunk digests",
+        (RANGES + "::test_a_partial_copy_reads_only_held_chunks_and_checks_each",),
+    ),
+    Mutant(
+        "cache.refetch-held",
+        "cache.py",
+        "todo = _pieces(_widen(_missing(wanted, held), cuts, size), cuts, size)",
+        "todo = _pieces(wanted, cuts, size)",
+        "a node fetches again the ranges its cache holds",
+        (RANGES + "::test_a_partial_cache_entry_fetches_only_what_it_lacks_and_records_only_checked_pieces",),
+    ),
+    Mutant(
+        "cache.unchecked-piece-recorded",
+        "cache.py",
+        "            if check is not None:\n                check(begin, data)",
+        "            if check is not None and begin < 0:\n                check(begin, data)",
+        "a piece that fails its digest is cached",
+        (RANGES + "::test_a_partial_cache_entry_fetches_only_what_it_lacks_and_records_only_checked_pieces",),
+    ),
+    Mutant(
+        "layout.every-node-wants-everything",
+        "layout.py",
+        "block = want(label, wanted_as, shape)",
+        "block = (0,) * len(shape), tuple(shape)",
+        "every node fetches the whole checkpoint",
+        (NODES + "::test_each_node_fetches_only_its_ranks_ranges_once[2]",),
+    ),
+    Mutant(
+        "sharded.resume-reads-another-block",
+        "sharded.py",
+        "            return tuple(offset), tuple(local_shape)",
+        "            return (0,) * len(shape), tuple(local_shape)",
+        "a rank asks for another rank's block than the one it loads",
+        (NODES + "::test_each_node_fetches_only_its_ranks_ranges_once[2]",),
+    ),
+    Mutant(
+        "checkpointer.ranges-on-one-node",
+        "checkpointer.py",
+        "and self.rank.local_world_size < self.rank.world_size",
+        "and self.rank.local_world_size <= self.rank.world_size",
+        "a single node fetches many ranges rather than one whole download",
+        (REMOTE + "::test_two_rank_resume_from_s3_downloads_once_per_node",),
     ),
 ]
