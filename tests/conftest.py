@@ -134,7 +134,14 @@ from remote_fixtures import gcs, s3  # noqa: E402, F401  (object-storage server 
 
 # the files whose tests run torchrun jobs or servers: scheduled first, so that on two workers the
 # last minutes are not one long job on one worker while the other sits idle
-LONG_FIRST = ("test_sharded.py", "test_torchrun.py", "test_benchmarks.py", "test_remote.py", "test_everyday.py")
+LONG_FIRST = (
+    "test_sharded.py",
+    "test_nodes.py",
+    "test_torchrun.py",
+    "test_benchmarks.py",
+    "test_remote.py",
+    "test_everyday.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):

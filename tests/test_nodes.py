@@ -14,13 +14,21 @@ import socket
 import subprocess
 
 import pytest
-from remote_fixtures import s3  # noqa: F401  (fixture)
+from remote_fixtures import S3Server
 from safetensors.torch import load_file
 
 from ckptio.cache import HELD, PARTIAL
 from ckptio.storage import Storage
 
-pytestmark = pytest.mark.usefixtures("s3")
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """One S3 server for the module: every test resumes the one checkpoint saved to it."""
+    server = S3Server(str(tmp_path_factory.mktemp("s3") / "requests.log"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _free_port() -> int:
@@ -50,11 +58,12 @@ def run_nodes(tmp_path, tag: str, nodes: int, args: list[str], caches: list[str]
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
 
 
-@pytest.fixture
-def saved(s3, tmp_path):  # noqa: F811
+@pytest.fixture(scope="module")
+def saved(s3, tmp_path_factory):
     """A 2-rank FSDP2 checkpoint (weights and Adam state) uploaded to S3, and torch's full view of it."""
     from conftest import run_torchrun
 
+    tmp_path = tmp_path_factory.mktemp("saved")
     remote = f"s3://{s3.make_bucket()}/run"
     args = ["--remote-uri", remote, "--storage-options", json.dumps(s3.options())]
     run_torchrun("nodes_job", str(tmp_path / "save-run"), str(tmp_path / "save-out"), *args, timeout=240,
@@ -65,7 +74,7 @@ def saved(s3, tmp_path):  # noqa: F811
     return {"remote": remote, "args": args, "storage": storage, "files": files, "ref": tmp_path / "save-out"}
 
 
-def _ranged_gets(s3, since: int) -> dict[str, int]:  # noqa: F811
+def _ranged_gets(s3, since: int) -> dict[str, int]:
     """Bytes asked of the store per file since request ``since`` (a GET without a range counts its whole file)."""
     asked: dict[str, int] = {}
     for line in s3.requests()[since:]:
@@ -102,7 +111,7 @@ def _check_resumed(saved, out) -> None:
 
 
 @pytest.mark.parametrize("nodes", [2, 3])
-def test_each_node_fetches_only_its_ranks_ranges_once(s3, tmp_path, saved, nodes):  # noqa: F811
+def test_each_node_fetches_only_its_ranks_ranges_once(s3, tmp_path, saved, nodes):
     before = len(s3.requests())
     caches = [str(tmp_path / f"cache{i}") for i in range(nodes)]
     run_nodes(tmp_path, "r", nodes, saved["args"], caches)
@@ -123,7 +132,7 @@ def test_each_node_fetches_only_its_ranks_ranges_once(s3, tmp_path, saved, nodes
         assert end == size
 
 
-def test_a_node_cache_holding_other_ranges_fetches_only_what_it_lacks(s3, tmp_path, saved):  # noqa: F811
+def test_a_node_cache_holding_other_ranges_fetches_only_what_it_lacks(s3, tmp_path, saved):
     caches = [str(tmp_path / f"cache{i}") for i in range(3)]
     run_nodes(tmp_path, "two", 2, saved["args"], caches[:2])  # caches 0 and 1 hold the halves
     before_held = [_held(c) for c in caches[:2]]
@@ -141,7 +150,7 @@ def test_a_node_cache_holding_other_ranges_fetches_only_what_it_lacks(s3, tmp_pa
         assert asked[name] < size  # node 0's third lies within its half: nothing asked for it
 
 
-def test_a_store_failing_mid_fetch_fails_every_rank_and_caches_only_whole_checked_ranges(s3, tmp_path, saved):  # noqa: F811
+def test_a_store_failing_mid_fetch_fails_every_rank_and_caches_only_whole_checked_ranges(s3, tmp_path, saved):
     caches = [str(tmp_path / f"cache{i}") for i in range(2)]
     results = run_nodes(tmp_path, "f", 2, [*saved["args"], "--fail-after", "1"], caches, check=False)
     for code, out, err in results:  # node 1's store fails; node 0's ranks stop too, with a typed error
