@@ -124,7 +124,10 @@ def test_a_rank_killed_mid_gather_leaves_the_previous_checkpoint_latest(tmp_path
     assert dead.returncode != 0
     assert [i.epoch for i in ckptio.list_checkpoints(run)] == [0]
     assert all(r.ok for r in ckptio.verify(run))
-    assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith(".")]
+    left = [n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith(".")]
+    if left:  # torchrun stopped the master before it saw the peer die: its temporary stays, invisible, until
+        job(2, run, str(tmp_path / "next"), "--mode", mode, "--epochs", "1")  # the next writer removes it
+        assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if n in left]
 
 
 def test_a_rank_stuck_mid_gather_fails_the_save_within_the_timeout(tmp_path):
