@@ -192,7 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir")
     p.add_argument("--out")
     p.add_argument("--results", default=RESULTS)
+    p.add_argument("--serve-s3", type=int, help="run the benchmark's S3 server on this port (internal)")
     args = p.parse_args(argv)
+    if args.serve_s3:
+        from moto.server import ThreadedMotoServer
+
+        _serve_ranges_without_rereading()
+        ThreadedMotoServer(ip_address="127.0.0.1", port=args.serve_s3, verbose=False).start()
+        print("READY", flush=True)
+        threading.Event().wait()
     if args.job:
         args.size = int(args.size)
         return job(args)
@@ -202,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.__main__ import parse_size
 
     size = parse_size(args.size)
-    _serve_ranges_without_rereading()
     moto_port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    server.start()
+    # a process of its own: moto's request handling does not share a GIL with the proxy
+    server = subprocess.Popen([sys.executable, "-m", "benchmarks.nodes", "--serve-s3", str(moto_port)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})  # fmt: skip
+    if server.stdout.readline().strip() != "READY":
+        raise RuntimeError("the S3 server did not start")
     work = tempfile.mkdtemp(prefix="ckptio-nodes-")
     try:
         proxy = CappedProxy(moto_port, args.cap_mib * 2**20)
@@ -247,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {nodes} node(s) {method:7s} {row['bytes'] / 2**20:8.1f} MiB "
                       f"({row['per_checkpoint_byte']:.2f}x)  {row['seconds']:7.2f} s", flush=True)  # fmt: skip
     finally:
-        server.stop()
+        server.kill()
+        server.wait()
         shutil.rmtree(work, ignore_errors=True)
     result = {"size": size, "cap_mib_s": args.cap_mib, "ckptio_version": ckptio.__version__, "rows": rows}
     os.makedirs(args.results, exist_ok=True)
