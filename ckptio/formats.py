@@ -184,8 +184,16 @@ class LazyTensor:
     def element_size(self) -> int:
         return self.dtype.itemsize
 
-    def materialize(self, key: str) -> torch.Tensor:
+    def materialize(self, key: str) -> torch.Tensor | list[torch.Tensor]:
+        """The tensor, or consecutive pieces of it (blocks along its first dimension) whose bytes follow each other."""
         t = self._materialize()
+        if isinstance(t, (list, tuple)):
+            if any(p.dtype != self.dtype for p in t) or sum(p.numel() for p in t) != self.numel():
+                raise CheckpointFormatError(
+                    f"tensor {key!r} materialized as pieces of {sum(p.numel() for p in t)} elements, header says "
+                    f"{self.dtype}{list(self.shape)}"
+                )
+            return [_dense_cpu(p, key, detach=True) for p in t]
         if t.dtype != self.dtype or tuple(t.shape) != self.shape:
             raise CheckpointFormatError(
                 f"tensor {key!r} materialized as {t.dtype}{list(t.shape)}, header says {self.dtype}{list(self.shape)}"
@@ -390,11 +398,15 @@ def _write_lazy(
 ) -> tuple[str, str]:
     """Write tensors one at a time, materializing lazy ones on a second thread up to ``ahead`` tensors before the
     writer reaches them: a gather overlaps the previous tensor's write, and at most ``ahead`` + 1 materialized
-    tensors are held. Materializing runs in writing order, one at a time (a gather's collectives stay ordered)."""
+    tensors wait to be written (one more is being digested). Materializing runs in writing order, one at a time
+    (a gather's collectives stay ordered)."""
     lazy = [k for k in order if isinstance(stored[k], LazyTensor)]
     ahead = max((stored[k].ahead for k in lazy), default=0)  # type: ignore[union-attr]
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptio-materialize")
-    pending: dict[str, concurrent.futures.Future[torch.Tensor]] = {}
+    # the digest of the tensor just written runs beside the next one's write (it holds that tensor meanwhile)
+    digester = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptio-crc32")
+    pending: dict[str, concurrent.futures.Future[torch.Tensor | list[torch.Tensor]]] = {}
+    digesting: concurrent.futures.Future[None] | None = None
     submitted = 0
 
     def submit_up_to(count: int) -> None:
@@ -414,15 +426,20 @@ def _write_lazy(
                 submit_up_to(ahead)  # the next ones gather while this one is written
             else:
                 data = t
-            view = _as_bytes(data)
-            for i in range(0, len(view), _CHUNK):
-                piece = view[i : i + _CHUNK]
-                write_all(f, piece)
-                digest.update(piece)
-            del data, view
+            views = [_as_bytes(p) for p in (data if isinstance(data, list) else [data])]
+            for view in views:
+                for i in range(0, len(view), _CHUNK):
+                    write_all(f, view[i : i + _CHUNK])
+            if digesting is not None:
+                digesting.result()
+            digesting = digester.submit(lambda views=views: [digest.update(v) for v in views] and None)
+            del data, views
+        if digesting is not None:
+            digesting.result()
     finally:
         # a failed write: what is not started never starts, what runs finishes (its collective completes)
         pool.shutdown(wait=True, cancel_futures=True)
+        digester.shutdown(wait=True)
     return digest.finish()
 
 

@@ -301,10 +301,25 @@ class ShardGather:
         dist.broadcast(flag, src=0, group=self.group)
         return int(flag.item())
 
-    def _gather(self, i: int) -> torch.Tensor:
-        """Master: tensor ``i`` in full, each block from the rank that provides it."""
+    def _gather(self, i: int) -> torch.Tensor | list[torch.Tensor]:
+        """Master: tensor ``i`` in full, each block from the rank that provides it; blocks along the first dimension
+        that follow each other are returned as those pieces (the master's own written from where it lies)."""
         self._announce(i)
         dtype, shape = self.specs[self.entries[i]]
+        rows = sorted(self.providers[i], key=lambda p: p[1].offset)
+        ends = [0] + [b.offset[0] + b.shape[0] for _, b in rows]
+        if shape and all(b.shape[1:] == shape[1:] and not any(b.offset[1:]) for _, b in rows) and all(
+            b.offset[0] == ends[k] for k, (_, b) in enumerate(rows)
+        ) and ends[-1] == shape[0]:  # fmt: skip
+            pieces = []
+            for rank, block in rows:
+                if rank == self.me:
+                    pieces.append(self.blocks[self.entries[i]].local)
+                else:
+                    buf = torch.empty(block.shape, dtype=dtype)
+                    dist.recv(_blocks(_as_bytes(buf)), src=rank, group=self.group)
+                    pieces.append(buf)
+            return pieces
         full = torch.empty(shape, dtype=dtype)
         for rank, block in self.providers[i]:
             region = _region(full, block)
