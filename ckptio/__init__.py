@@ -12,8 +12,8 @@ Where each concern lives (data flows down this list, never up):
 - ``tools``         convert, export, inspect, verify (what the ``ckptio`` command runs; ``cli`` parses its arguments)
 - ``discovery``     URIs resolved, checkpoints listed, latest and best chosen, ``load_from_uri``
 - ``layout``        one checkpoint's files: names, commit order, sidecars, the manifest; reading them back
-- ``formats``       safetensors and .pt bytes: writer, strict reader, digests
-- ``storage``       one directory on any filesystem (fsspec), atomic writes; ``cache`` the node-local copy
+- ``formats``       safetensors and .pt bytes: writer, strict reader, digests (whole and per chunk)
+- ``storage``       one directory on any filesystem (fsspec), atomic writes; ``cache`` node-local copies (whole, or a node's ranges)
 - beside them: ``architecture`` (class path + config, the import allow-list), ``artifact`` (PolicyArtifact),
   ``trainer_state`` (optimizer and RNG trees as tensors), ``ranks`` (rank facts, gloo collectives),
   ``errors`` (the exception types)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -89,16 +90,22 @@ class S3Server:
             self.proc.wait(timeout=30)
 
 
-@pytest.fixture
-def s3(tmp_path):
-    server = S3Server(str(tmp_path / "s3-requests.log"))
+@contextlib.contextmanager
+def running_s3(log_path: str):
+    server = S3Server(log_path)
     try:
         yield server
     finally:
         server.stop()
 
 
-def _free_port() -> int:
+@pytest.fixture
+def s3(tmp_path):
+    with running_s3(str(tmp_path / "s3-requests.log")) as server:
+        yield server
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -110,7 +117,7 @@ class GCSServer:
 
         for name in ("gcp_storage_emulator", "werkzeug"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        self.port = _free_port()
+        self.port = free_port()
         self.server = create_server("127.0.0.1", self.port, in_memory=True)
         self.server.start()
 

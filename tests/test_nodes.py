@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 
 import pytest
-from remote_fixtures import S3Server
+from remote_fixtures import free_port, running_s3
 from safetensors.torch import load_file
 
 from ckptio.cache import HELD, PARTIAL
@@ -24,24 +23,15 @@ from ckptio.storage import Storage
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """One S3 server for the module: every test resumes the one checkpoint saved to it."""
-    server = S3Server(str(tmp_path_factory.mktemp("s3") / "requests.log"))
-    try:
+    with running_s3(str(tmp_path_factory.mktemp("s3") / "requests.log")) as server:
         yield server
-    finally:
-        server.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_nodes(tmp_path, tag: str, nodes: int, args: list[str], caches: list[str], nproc: int = 1, check: bool = True):
     """N torchrun agents side by side, as N nodes; returns their finished processes."""
     from conftest import PYTHON, REPO_ROOT, subprocess_env
 
-    port = _free_port()
+    port = free_port()
     procs = []
     for i in range(nodes):
         cmd = [PYTHON, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc_per_node={nproc}",
@@ -110,12 +100,12 @@ def _check_resumed(saved, out) -> None:
     _same(saved["ref"] / "ref_optim.safetensors", out / "resumed_optim.safetensors")
 
 
-@pytest.mark.parametrize("nodes", [2, 3])
-def test_each_node_fetches_only_its_ranks_ranges_once(s3, tmp_path, saved, nodes):
+def test_each_node_fetches_only_its_ranks_ranges_once(s3, tmp_path, saved):
+    nodes = 2  # 3 nodes, at another world size than the save's: the next test
     before = len(s3.requests())
     caches = [str(tmp_path / f"cache{i}") for i in range(nodes)]
     run_nodes(tmp_path, "r", nodes, saved["args"], caches)
-    _check_resumed(saved, tmp_path / "r-out0")  # at the save's world size (2) and another (3)
+    _check_resumed(saved, tmp_path / "r-out0")
     asked = _ranged_gets(s3, before)
     for name, size in saved["files"].items():
         # each byte of the checkpoint once, plus headers and whole chunks around each node's blocks
@@ -148,6 +138,7 @@ def test_a_node_cache_holding_other_ranges_fetches_only_what_it_lacks(s3, tmp_pa
         ) + sum(e - b for b, e in after_held[2][name])
         assert asked[name] <= grown + 2 * 64 * 1024  # only what was missing (plus the third node's header read)
         assert asked[name] < size  # node 0's third lies within its half: nothing asked for it
+        assert sum(e - b for b, e in after_held[2][name]) <= size / 3 + 0.12 * size  # the cold node: its third
 
 
 def test_a_store_failing_mid_fetch_fails_every_rank_and_caches_only_whole_checked_ranges(s3, tmp_path, saved):

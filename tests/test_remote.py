@@ -372,9 +372,9 @@ def test_resumed_checkpoint_survives_until_a_newer_one_is_uploaded(s3, tmp_path,
 
 
 def _closed_port() -> int:
-    from remote_fixtures import _free_port
+    from remote_fixtures import free_port
 
-    return _free_port()  # bound and released: nothing listens there
+    return free_port()  # bound and released: nothing listens there
 
 
 def test_unreachable_s3_endpoint_is_a_storage_error_not_not_found(s3, policy):
