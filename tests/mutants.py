@@ -241,17 +241,17 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "formats.verify-digest-not-chained",
         "formats.py",
-        "        crc = crc32(view[:n], crc)",
-        "        crc = crc32(view[:n])",
-        "verify reports every file larger than one read chunk corrupt",
+        "            self._crc = crc32(view[:take], self._crc)",
+        "            self._crc = crc32(view[:take])",
+        "a chunk's digest covers only its last read: verify reports files read in smaller pieces corrupt",
         (FORMATS + "::test_digests_span_every_chunk_of_a_large_file",),
     ),
     Mutant(
         "formats.write-digest-not-chained",
         "formats.py",
-        "            self._crc = crc32(chunk, self._crc)",
-        "            self._crc = crc32(chunk)",
-        "the writer's digest covers only the last chunk of a large file",
+        "        self.whole = crc32(view, self.whole)",
+        "        self.whole = crc32(view)",
+        "the file's digest covers only the last piece written of a large file",
         (FORMATS + "::test_digests_span_every_chunk_of_a_large_file",),
     ),
     Mutant(
