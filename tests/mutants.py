@@ -785,6 +785,6 @@ MUTANTS: list[Mutant] = [
         "and self.rank.local_world_size < self.rank.world_size",
         "and self.rank.local_world_size <= self.rank.world_size",
         "a single node fetches many ranges rather than one whole download",
-        (REMOTE + "::test_two_rank_resume_from_s3_downloads_once_per_node",),
+        (NODES + "::test_one_node_downloads_each_file_whole_once",),
     ),
 ]

@@ -156,3 +156,18 @@ def test_a_store_failing_mid_fetch_fails_every_rank_and_caches_only_whole_checke
             for b, e in ranges:  # every byte the record claims is the store's
                 assert local[b:e] == data[b:e], (name, b, e)
     assert not os.path.exists(tmp_path / "f-out0" / "resumed.safetensors")
+
+
+def test_one_node_downloads_each_file_whole_once(s3, tmp_path, saved):
+    """On one node every byte is needed anyway: one whole download per file, as before ranged resumes."""
+    from conftest import run_torchrun
+
+    cache = tmp_path / "cache"
+    before = len(s3.requests())
+    run_torchrun("nodes_job", str(tmp_path / "run"), str(tmp_path / "out"), *saved["args"], timeout=240,
+                 CKPTIO_CACHE_DIR=str(cache))  # fmt: skip
+    _check_resumed(saved, tmp_path / "out")
+    for name in saved["files"]:
+        gets = [r for r in s3.requests()[before:] if r.startswith("GET /") and r.split("?")[0].endswith("/" + name)]
+        assert len(gets) == 1 and "range=" not in gets[0], gets
+    assert sorted(n.split("-", 1)[1] for n in os.listdir(cache) if not n.startswith(".")) == sorted(saved["files"])
