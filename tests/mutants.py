@@ -787,4 +787,12 @@ MUTANTS: list[Mutant] = [
         "a single node fetches many ranges rather than one whole download",
         (NODES + "::test_one_node_downloads_each_file_whole_once",),
     ),
+    Mutant(
+        "sharded.pieces-out-of-order",
+        "sharded.py",
+        "                    pieces.append(buf)",
+        "                    pieces.insert(0, buf)",
+        "a tensor's dim-0 blocks are written in another order than its rows",
+        (SHARDED + "::test_fsdp2_saves_one_standard_file_and_resumes_at_other_world_sizes",),
+    ),
 ]
