@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 from .errors import StorageError
-from .storage import Storage, atomic_file
+from .storage import FileInfo, Storage, atomic_file, merge_ranges
 
 __all__ = ["NodeCache", "default_cache_dir"]
 
@@ -39,20 +39,10 @@ RANGE_GAP = 32 * 1024  # ranges closer than this are read as one: a request cost
 Ranges = list[tuple[int, int]]
 
 
-def _merge(ranges: Ranges, gap: int = 0) -> Ranges:
-    merged: Ranges = []
-    for begin, end in sorted(r for r in ranges if r[1] > r[0]):
-        if merged and begin <= merged[-1][1] + gap:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((begin, end))
-    return merged
-
-
 def _widen(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
     """``ranges`` widened to the nearest ``cuts`` (sorted offsets, the file's digested chunks) around them."""
     if not cuts:
-        return _merge(ranges)
+        return merge_ranges(ranges)
     out: Ranges = []
     for begin, end in ranges:
         if begin < cuts[0]:
@@ -61,7 +51,7 @@ def _widen(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
         if begin < end:
             j = bisect.bisect_left(cuts, end)
             out.append((cuts[bisect.bisect_right(cuts, begin) - 1], cuts[j] if j < len(cuts) else size))
-    return _merge(out)
+    return merge_ranges(out)
 
 
 def _pieces(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
@@ -110,9 +100,9 @@ class NodeCache:
         self.timeout = timeout
         self.fills = 0  # downloads made by this process (tests and logs read it)
 
-    def path_for(self, storage: Storage, name: str) -> str:
-        """Local path of ``name``'s current version (whether or not it is cached yet)."""
-        info = storage.info(name)
+    def path_for(self, storage: Storage, name: str, info: FileInfo | None = None) -> str:
+        """Local path of ``name``'s current version (whether or not it is cached yet); ``info``: its stat, if known."""
+        info = info or storage.info(name)
         key = hashlib.sha256(f"{storage.url(name)}\0{info.version}".encode()).hexdigest()[:24]
         return os.path.join(self.directory, f"{key}-{name}")
 
@@ -132,13 +122,13 @@ class NodeCache:
         return path
 
     # -- partial entries ---------------------------------------------------------------------
-    def partial(self, storage: Storage, name: str) -> tuple[str, Ranges]:
+    def partial(self, storage: Storage, name: str, info: FileInfo | None = None) -> tuple[str, Ranges]:
         """The local path holding ``name``'s current version and the byte ranges it holds there.
 
         The whole file when a full entry is cached; else the partial entry's recorded ranges
         (none when there is no entry).
         """
-        full = self.path_for(storage, name)
+        full = self.path_for(storage, name, info)
         if os.path.exists(full):
             return full, [(0, os.path.getsize(full))]
         path = full + PARTIAL
@@ -167,13 +157,14 @@ class NodeCache:
         chunks and may refuse a piece (its digest) before it is written. A failed fetch raises after recording the
         pieces that completed; nothing is recorded that was not wholly fetched, checked and synced.
         """
-        path, held = self.partial(storage, name)
+        info = storage.info(name)  # one stat: the entry's key and the object's size
+        path, held = self.partial(storage, name, info)
         if not path.endswith(PARTIAL):
             return path, held  # a full entry
-        size = storage.info(name).size
-        wanted = _widen(_merge([(max(0, b), min(size, e)) for b, e in ranges], RANGE_GAP), cuts, size)
+        size = info.size
+        wanted = _widen(merge_ranges([(max(0, b), min(size, e)) for b, e in ranges], RANGE_GAP), cuts, size)
         with self._locked(path, size) as fd:
-            path, held = self.partial(storage, name)  # another process may have filled it meanwhile
+            path, held = self.partial(storage, name, info)  # another process may have filled it meanwhile
             if not path.endswith(PARTIAL):
                 return path, held
             todo = _pieces(_widen(_missing(wanted, held), cuts, size), cuts, size)
@@ -183,7 +174,7 @@ class NodeCache:
             finally:
                 if done:
                     os.fsync(fd)
-                    held = _merge(held + done)
+                    held = merge_ranges(held + done)
                     with atomic_file(path + HELD) as tmp, open(tmp, "w") as f:
                         json.dump({"url": storage.url(name), "size": size, "held": held}, f)
                         f.flush()

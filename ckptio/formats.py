@@ -47,7 +47,7 @@ from .errors import (
     CheckpointSecurityError,
     CorruptCheckpointError,
 )
-from .storage import write_all
+from .storage import covers, merge_ranges, write_all
 
 __all__ = [
     "FORMAT_VERSION",
@@ -58,8 +58,6 @@ __all__ = [
     "PartialTensors",
     "StoredTensor",
     "block_ranges",
-    "covers",
-    "merge_ranges",
     "check_digest",
     "chunk_digests",
     "crc32_hex",
@@ -747,23 +745,6 @@ def block_ranges(
     starts = (first + sum(i * s for i, s in zip(idx, strides, strict=False)) for idx in
               itertools.product(*(range(b) for b in block[:k])))  # fmt: skip
     return [(start, start + run) for start in starts]
-
-
-def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, disjoint, non-empty ranges covering exactly the given ones."""
-    merged: list[tuple[int, int]] = []
-    for begin, end in sorted(r for r in ranges if r[1] > r[0]):
-        if merged and begin <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((begin, end))
-    return merged
-
-
-def covers(held: list[tuple[int, int]], begin: int, end: int) -> bool:
-    """Whether merged ranges ``held`` contain all of ``[begin, end)``."""
-    i = bisect.bisect_right(held, (begin, math.inf)) - 1
-    return end <= begin or (i >= 0 and held[i][0] <= begin and end <= held[i][1])
 
 
 class StoredTensor:

@@ -44,12 +44,10 @@ from .formats import (
     SafetensorsHeader,
     block_ranges,
     chunk_digests,
-    covers,
     crc32_hex,
     file_size,
     load_pt,
     load_pt_object,
-    merge_ranges,
     pt_weights_key,
     read_header,
     read_safetensors,
@@ -57,7 +55,7 @@ from .formats import (
     verify_safetensors,
     write_safetensors,
 )
-from .storage import Storage, is_network_filesystem
+from .storage import Storage, covers, is_network_filesystem, merge_ranges
 from .trainer_state import FlatTrainerState
 
 __all__ = [
@@ -729,12 +727,13 @@ def trainer_name(storage: Storage, weights: str, metadata: Mapping[str, str]) ->
     return Sidecars.of(weights, metadata, storage.url(weights)).trainer
 
 
-def cache_headers(storage: Storage, name: str, cache: NodeCache) -> None:
-    """Put the headers of a checkpoint's tensor files (weights, trainer state) into the node cache."""
-    hdr = _cached_header(storage, name, cache)
-    trainer = trainer_name(storage, name, hdr.metadata)
+def cache_headers(storage: Storage, name: str, cache: NodeCache) -> dict[str, SafetensorsHeader]:
+    """The headers of a checkpoint's tensor files (weights, then trainer state if any), put in the node cache."""
+    headers = {name: _cached_header(storage, name, cache)}
+    trainer = trainer_name(storage, name, headers[name].metadata)
     if trainer is not None and storage.exists(trainer):
-        _cached_header(storage, trainer, cache)
+        headers[trainer] = _cached_header(storage, trainer, cache)
+    return headers
 
 
 def wanted_ranges(storage: Storage, name: str, cache: NodeCache, want: Want) -> dict[str, list[tuple[int, int]] | None]:
@@ -744,13 +743,8 @@ def wanted_ranges(storage: Storage, name: str, cache: NodeCache, want: Want) -> 
     could not be checked.
     """
     out: dict[str, list[tuple[int, int]] | None] = {}
-    labels = {name: "weights"}
-    hdr = _cached_header(storage, name, cache)
-    trainer = trainer_name(storage, name, hdr.metadata)
-    if trainer is not None and storage.exists(trainer):
-        labels[trainer] = "trainer"
-    for file, label in labels.items():
-        hdr = _cached_header(storage, file, cache)
+    for file, hdr in cache_headers(storage, name, cache).items():
+        label = "weights" if file == name else "trainer"
         chunks = chunk_digests(hdr, storage.url(file))
         if chunks is None:
             out[file] = None

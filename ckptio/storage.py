@@ -9,15 +9,17 @@ finished temporary locally, a conditional PUT (``mode="xb"``) on stores that sup
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
+import math
 import os
 import posixpath
 import socket
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -26,7 +28,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSecurityError, StorageError
 
-__all__ = ["TMP_MARK", "FileInfo", "Storage", "is_network_filesystem", "is_temporary", "split_uri", "write_all"]
+__all__ = [
+    "TMP_MARK", "FileInfo", "Storage", "covers", "is_network_filesystem", "is_temporary", "merge_ranges", "split_uri",
+    "write_all",
+]  # fmt: skip
 
 # Filesystems where mmap page faults become network round trips (reported 30-50x slower than
 # one eager sequential read): on these, loads read eagerly unless told otherwise.
@@ -72,6 +77,23 @@ TMP_MARK = ".ckptio-tmp."
 # Bound on one metadata call (list, stat, small read, delete) to an object store; transfers have their
 # own. Without it an unreachable endpoint retries for a minute or more inside the client library.
 DEFAULT_TIMEOUT_S = float(os.environ.get("CKPTIO_STORAGE_TIMEOUT_S", "60"))
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]], gap: int = 0) -> list[tuple[int, int]]:
+    """Sorted, disjoint, non-empty byte ranges covering the given ones (and gaps of at most ``gap`` between them)."""
+    merged: list[tuple[int, int]] = []
+    for begin, end in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and begin <= merged[-1][1] + gap:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((begin, end))
+    return merged
+
+
+def covers(held: list[tuple[int, int]], begin: int, end: int) -> bool:
+    """Whether merged ranges ``held`` contain all of ``[begin, end)``."""
+    i = bisect.bisect_right(held, (begin, math.inf)) - 1
+    return end <= begin or (i >= 0 and held[i][0] <= begin and end <= held[i][1])
 
 
 def is_temporary(name: str) -> bool:
