@@ -4,6 +4,7 @@ Where each concern lives (data flows down this list, never up):
 
 - ``checkpointer``  Checkpointer: rank coordination in a training loop (who writes, what every rank resumes from);
   ``config`` its CheckpointConfig
+- ``node_fetch``    a sharded resume on several nodes: the store sends each byte once, nodes share the pieces
 - ``async_save``    AsyncSaver: snapshot on the caller's thread, the synchronous save on a worker
 - ``mirror``        RemoteMirror: local checkpoints copied to object storage, retention on both copies
 - ``upload``        Uploader: background upload threads, retries, coalescing

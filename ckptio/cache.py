@@ -23,9 +23,9 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 from .errors import StorageError
-from .storage import FileInfo, Storage, atomic_file, merge_ranges
+from .storage import FileInfo, Storage, atomic_file, merge_ranges, subtract_ranges
 
-__all__ = ["NodeCache", "default_cache_dir"]
+__all__ = ["NodeCache", "cut_pieces", "default_cache_dir", "widen_ranges"]
 
 log = logging.getLogger("ckptio")
 
@@ -39,7 +39,7 @@ RANGE_GAP = 32 * 1024  # ranges closer than this are read as one: a request cost
 Ranges = list[tuple[int, int]]
 
 
-def _widen(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
+def widen_ranges(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
     """``ranges`` widened to the nearest ``cuts`` (sorted offsets, the file's digested chunks) around them."""
     if not cuts:
         return merge_ranges(ranges)
@@ -54,7 +54,7 @@ def _widen(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
     return merge_ranges(out)
 
 
-def _pieces(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
+def cut_pieces(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
     """Ranged reads of about ``RANGE_PIECE`` bytes covering ``ranges``, cut only at ``cuts`` (past the first)."""
     out: Ranges = []
     for begin, end in ranges:
@@ -67,23 +67,6 @@ def _pieces(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
                 q = cuts[k] if cuts[k] > p else next(iter(cuts[bisect.bisect_right(cuts, p) :]), size)
             out.append((p, min(q, end)))
             p = min(q, end)
-    return out
-
-
-def _missing(wanted: Ranges, held: Ranges) -> Ranges:
-    """The parts of ``wanted`` not in ``held`` (both merged)."""
-    out: Ranges = []
-    for begin, end in wanted:
-        for hb, he in held:
-            if he <= begin or hb >= end:
-                continue
-            if hb > begin:
-                out.append((begin, hb))
-            begin = max(begin, he)
-            if begin >= end:
-                break
-        if begin < end:
-            out.append((begin, end))
     return out
 
 
@@ -162,24 +145,17 @@ class NodeCache:
         if not path.endswith(PARTIAL):
             return path, held  # a full entry
         size = info.size
-        wanted = _widen(merge_ranges([(max(0, b), min(size, e)) for b, e in ranges], RANGE_GAP), cuts, size)
+        wanted = widen_ranges(merge_ranges([(max(0, b), min(size, e)) for b, e in ranges], RANGE_GAP), cuts, size)
         with self._locked(path, size) as fd:
             path, held = self.partial(storage, name, info)  # another process may have filled it meanwhile
             if not path.endswith(PARTIAL):
                 return path, held
-            todo = _pieces(_widen(_missing(wanted, held), cuts, size), cuts, size)
+            todo = cut_pieces(widen_ranges(subtract_ranges(wanted, held), cuts, size), cuts, size)
             done: Ranges = []
             try:
                 self._fetch_pieces(storage, name, fd, todo, check, done)
             finally:
-                if done:
-                    os.fsync(fd)
-                    held = merge_ranges(held + done)
-                    with atomic_file(path + HELD) as tmp, open(tmp, "w") as f:
-                        json.dump({"url": storage.url(name), "size": size, "held": held}, f)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    self.fills += 1
+                held = self._record(storage.url(name), path, fd, size, held, done)
         log.info("cached %d bytes of %s at %s (%d ranges held)", sum(e - b for b, e in done), storage.url(name),
                  path, len(held))  # fmt: skip
         os.utime(path)
@@ -224,6 +200,52 @@ class NodeCache:
                             other.cancel()
         if error is not None:
             raise error
+
+    def put_ranges(
+        self,
+        storage: Storage,
+        name: str,
+        parts: Sequence[tuple[int, bytes | memoryview]],
+        check: Callable[[int, bytes | memoryview], None],
+        info: FileInfo | None = None,
+    ) -> Ranges:
+        """Write ``parts`` (offset, bytes) of ``name`` obtained elsewhere into its partial entry; every range held after.
+
+        Each part is checked (``check(start, data)``, whole chunks) before it is written, and recorded only
+        once all are written and synced: a part that fails its check leaves the record as it was.
+        """
+        info = info or storage.info(name)
+        path, held = self.partial(storage, name, info)
+        if not path.endswith(PARTIAL) or not parts:
+            return held
+        for begin, data in parts:
+            check(begin, data)
+        with self._locked(path, info.size) as fd:
+            path, held = self.partial(storage, name, info)
+            if not path.endswith(PARTIAL):
+                return held
+            for begin, data in parts:
+                with memoryview(data) as view:
+                    written = 0
+                    while written < len(view):
+                        written += os.pwrite(fd, view[written:], begin + written)
+            held = self._record(storage.url(name), path, fd, info.size, held, [(b, b + len(d)) for b, d in parts])
+        os.utime(path)
+        self.evict(keep=path)
+        return held
+
+    def _record(self, url: str, path: str, fd: int, size: int, held: Ranges, done: Ranges) -> Ranges:
+        """Sync the entry's data, then record ``done`` as held with ``held``: the record never names bytes not on disk."""
+        if not done:
+            return held
+        os.fsync(fd)
+        held = merge_ranges(held + done)
+        with atomic_file(path + HELD) as tmp, open(tmp, "w") as f:
+            json.dump({"url": url, "size": size, "held": held}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        self.fills += 1
+        return held
 
     @contextlib.contextmanager
     def _locked(self, path: str, size: int) -> Iterator[int]:

@@ -31,16 +31,14 @@ from .layout import (
     PendingSave,
     Want,
     cache_checkpoint,
-    cache_headers,
-    cache_ranges,
     check_epoch,
     checkpoint_at,
     load_checkpoint,
     state_dict_of,
-    wanted_ranges,
 )
 from .manager import CheckpointManager
 from .mirror import RemoteMirror, newest
+from .node_fetch import fetch_for_nodes
 from .trainer_state import restore_rng_state
 from .upload import Uploader
 
@@ -148,7 +146,7 @@ class Checkpointer:
             and self.rank.local_world_size < self.rank.world_size
             and info.name.endswith(".safetensors")
         ):
-            self._fetch_parts(info, want)
+            fetch_for_nodes(info.storage, info.name, self.cache, want)
             self._partial = True
         else:  # the node's first rank fills the cache; every rank then maps that copy
             ranks.together(download, here=self.rank.is_local_master)
@@ -158,22 +156,6 @@ class Checkpointer:
                 info.storage, info.name, policy_architecture=self._architecture, allow=self.allow, cache=self.cache,
                 with_metrics=False, partial=self._partial,
             )  # fmt: skip
-
-    def _fetch_parts(self, info: CheckpointInfo, want: Want) -> None:
-        """Every rank: the node cache gets the byte ranges this node's ranks read (they say which), fetched once."""
-        storage, name, cache = info.storage, info.name, self.cache
-        with typed_io(info.uri, "fetching headers into the node cache"):
-            ranks.together(lambda: cache_headers(storage, name, cache), here=self.rank.is_local_master)
-        node = ranks.node_id()
-        with typed_io(info.uri, "reading headers from the node cache"):
-            wanted = ranks.gather_results(lambda: (node, wanted_ranges(storage, name, cache, want)))
-        files: dict[str, list[tuple[int, int]] | None] = {}
-        for where, per_file in wanted:
-            for file, ranges in per_file.items() if where == node else ():
-                known = files.get(file, [])
-                files[file] = None if ranges is None or known is None else known + ranges
-        with typed_io(info.uri, "fetching this node's ranges into the node cache"):
-            ranks.together(lambda: cache_ranges(storage, cache, files), here=self.rank.is_local_master)
 
     def _read_trainer_state(self, info: CheckpointInfo, metadata: Mapping[str, str], restore_rng: bool) -> None:
         allow_missing = self.config.resume_without_trainer_state

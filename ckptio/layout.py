@@ -71,8 +71,9 @@ __all__ = [
     "checkpoint_base",
     "delete_checkpoint",
     "Want",
+    "FileChunks",
     "cache_headers",
-    "cache_ranges",
+    "file_chunks",
     "fetch_local",
     "format_of",
     "load_checkpoint",
@@ -524,7 +525,7 @@ def read_trainer_state(
 
     Mapped like the weights (a sharded optimizer takes only its ranks' blocks) and, by default,
     checked against its digest: a resume must not continue from a damaged optimizer state. With
-    ``partial``, read from the ranges ``cache_ranges`` fetched (each chunk read is checked instead).
+    ``partial``, read from the ranges ``node_fetch`` put in the node cache (each chunk read is checked instead).
     """
     sidecars = Sidecars.of(weights, metadata, storage.url(weights), storage)
     name = sidecars.trainer
@@ -689,7 +690,7 @@ def _local_copy(
     storage: Storage, name: str, cache: NodeCache | None, partial: bool
 ) -> tuple[str | None, list[tuple[int, int]] | None]:
     """Where to read ``name`` from, and (with ``partial``) the ranges held there: the node cache's partial
-    entry as ``cache_ranges`` filled it, or else (without one) its whole copy."""
+    entry as ``node_fetch`` filled it, or else (without one) its whole copy."""
     if partial and not storage.is_local:
         path, held = (cache or NodeCache()).partial(storage, name)
         if held:
@@ -764,28 +765,38 @@ def wanted_ranges(storage: Storage, name: str, cache: NodeCache, want: Want) -> 
     return out
 
 
-def cache_ranges(storage: Storage, cache: NodeCache, files: Mapping[str, list[tuple[int, int]] | None]) -> None:
-    """Fetch the given byte ranges of each file into the node cache (None: the whole file), checking every chunk."""
-    for file, ranges in files.items():
-        if ranges is None:
-            cache.fetch(storage, file)
-            continue
-        hdr = _cached_header(storage, file, cache)
-        source = storage.url(file)
-        chunks = chunk_digests(hdr, source)
-        assert chunks is not None
+@dataclass(frozen=True)
+class FileChunks:
+    """A tensor file's digested chunks as file offsets: the units a node fetches, shares and checks whole."""
 
-        def check(
-            start: int, data: bytes, chunks: ChunkDigests = chunks, at: int = hdr.data_start, source: str = source
-        ) -> None:
-            if start < at:
-                return  # the header: validated when read
-            for i in chunks.span(start - at, start - at + len(data)):
-                b, e = chunks.bounds(i)
-                chunks.check(i, memoryview(data)[b + at - start : e + at - start], source)
+    source: str
+    size: int
+    data_start: int
+    digests: ChunkDigests
 
-        cuts = [hdr.data_start + start for start in chunks.starts]
-        cache.fetch_ranges(storage, file, ranges, check, cuts=cuts)
+    @property
+    def cuts(self) -> list[int]:
+        """The file offset of every chunk's first byte."""
+        return [self.data_start + start for start in self.digests.starts]
+
+    def check(self, start: int, data: bytes | memoryview) -> None:
+        """Raise unless ``data``, the file's bytes from ``start`` to a chunk's end, match their chunk digests.
+
+        Bytes of the header, before the first chunk, are not digested: a header is validated when read.
+        """
+        at = self.data_start
+        with memoryview(data) as view:
+            for i in self.digests.span(max(start, at) - at, start + len(view) - at):
+                b, e = self.digests.bounds(i)
+                self.digests.check(i, view[b + at - start : e + at - start], self.source)
+
+
+def file_chunks(storage: Storage, name: str, cache: NodeCache) -> FileChunks | None:
+    """A tensor file's chunks, from its header in the node cache (None without chunk digests)."""
+    hdr = _cached_header(storage, name, cache)
+    source = storage.url(name)
+    digests = chunk_digests(hdr, source)
+    return None if digests is None else FileChunks(source, hdr.file_size, hdr.data_start, digests)
 
 
 def load_checkpoint(
@@ -804,7 +815,7 @@ def load_checkpoint(
     """Read weights file ``name`` with its metrics and architecture (imported through the allow-list).
 
     With ``verify``, every file of the checkpoint is checked against its digest first. With
-    ``partial``, a remote file is read from the ranges ``cache_ranges`` put in the node cache.
+    ``partial``, a remote file is read from the ranges ``node_fetch`` put in the node cache.
     """
     source = storage.url(name)
     local_path, held = _local_copy(storage, name, cache, partial)

@@ -212,7 +212,7 @@ class CheckpointManager:
         partial: bool = False,
     ) -> FlatTrainerState | None:
         """The trainer state saved with a checkpoint (digest checked); None if it was saved without. With
-        ``partial``: from the ranges of it this node fetched (``layout.cache_ranges``), each read chunk checked."""
+        ``partial``: from the ranges of it this node fetched (``node_fetch``), each read chunk checked."""
         if metadata is None:
             metadata = read_metadata(info.storage, info.name, local_path=fetch_local(info.storage, info.name, cache))
         return read_trainer_state(info.storage, info.name, metadata, cache=cache, partial=partial)

@@ -15,7 +15,7 @@ import os
 import pickle
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "all_gather_object",
     "barrier",
     "broadcast_object",
+    "exchange",
     "gather_results",
     "is_master",
     "master_result",
@@ -177,6 +178,35 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
         data[:] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     dist.broadcast(data, src=src, group=group)
     return obj if dist.get_rank() == src else pickle.loads(data.numpy().tobytes())
+
+
+def exchange(sends: Mapping[int, Sequence[bytes | memoryview]], sizes: Mapping[int, int]) -> dict[int, bytes]:
+    """Point-to-point on the gloo group: the parts in ``sends[r]`` to rank ``r``; ``sizes[r]`` bytes from rank ``r``.
+
+    Both sides know every message's size (they plan it from the same facts), so no size travels
+    first. Returns what arrived, by sender.
+    """
+    group = _group()
+    works, received = [], {}
+    for src, n in sizes.items():
+        if n:
+            buf = torch.empty(n, dtype=torch.uint8)
+            works.append(dist.irecv(buf, src=src, group=group))
+            received[src] = buf
+    for dst, parts in sends.items():
+        n = sum(len(p) for p in parts)
+        if n:
+            buf = torch.empty(n, dtype=torch.uint8)
+            view, at = memoryview(buf.numpy()), 0
+            for part in parts:
+                view[at : at + len(part)] = part
+                at += len(part)
+            works.append(dist.isend(buf, dst=dst, group=group))
+    for work in works:
+        work.wait()
+    # point-to-point work is waited on, and released, on this thread (unlike a collective's, see Handoff)
+    del works
+    return {src: buf.numpy().tobytes() for src, buf in received.items()}
 
 
 def _for_others(error: BaseException, rank: int) -> BaseException:

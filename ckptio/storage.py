@@ -29,8 +29,8 @@ from fsspec.implementations.local import LocalFileSystem
 from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSecurityError, StorageError
 
 __all__ = [
-    "TMP_MARK", "FileInfo", "Storage", "covers", "is_network_filesystem", "is_temporary", "merge_ranges", "split_uri",
-    "write_all",
+    "TMP_MARK", "FileInfo", "Storage", "covers", "intersect_ranges", "is_network_filesystem", "is_temporary",
+    "merge_ranges", "split_uri", "subtract_ranges", "write_all",
 ]  # fmt: skip
 
 # Filesystems where mmap page faults become network round trips (reported 30-50x slower than
@@ -94,6 +94,31 @@ def covers(held: list[tuple[int, int]], begin: int, end: int) -> bool:
     """Whether merged ranges ``held`` contain all of ``[begin, end)``."""
     i = bisect.bisect_right(held, (begin, math.inf)) - 1
     return end <= begin or (i >= 0 and held[i][0] <= begin and end <= held[i][1])
+
+
+def subtract_ranges(ranges: list[tuple[int, int]], taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of merged ``ranges`` outside merged ``taken`` (one pass over both)."""
+    out: list[tuple[int, int]] = []
+    j = 0
+    for begin, end in ranges:
+        while j < len(taken) and taken[j][1] <= begin:
+            j += 1
+        k = j
+        while k < len(taken) and taken[k][0] < end:
+            if taken[k][0] > begin:
+                out.append((begin, taken[k][0]))
+            begin = max(begin, taken[k][1])
+            if taken[k][1] >= end:
+                break
+            k += 1
+        if begin < end:
+            out.append((begin, end))
+    return out
+
+
+def intersect_ranges(ranges: list[tuple[int, int]], other: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of merged ``ranges`` inside merged ``other``."""
+    return subtract_ranges(ranges, subtract_ranges(ranges, other))
 
 
 def is_temporary(name: str) -> bool:

@@ -750,8 +750,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "cache.refetch-held",
         "cache.py",
-        "todo = _pieces(_widen(_missing(wanted, held), cuts, size), cuts, size)",
-        "todo = _pieces(wanted, cuts, size)",
+        "todo = cut_pieces(widen_ranges(subtract_ranges(wanted, held), cuts, size), cuts, size)",
+        "todo = cut_pieces(wanted, cuts, size)",
         "a node fetches again the ranges its cache holds",
         (RANGES + "::test_a_partial_cache_entry_fetches_only_what_it_lacks_and_records_only_checked_pieces",),
     ),
@@ -769,7 +769,7 @@ MUTANTS: list[Mutant] = [
         "block = want(label, wanted_as, shape)",
         "block = (0,) * len(shape), tuple(shape)",
         "every node fetches the whole checkpoint",
-        (NODES + "::test_each_node_fetches_only_its_ranks_ranges_once",),
+        (NODES + "::test_the_store_sends_each_byte_once_and_each_node_caches_only_its_ranks_ranges",),
     ),
     Mutant(
         "sharded.resume-reads-another-block",
@@ -777,7 +777,7 @@ MUTANTS: list[Mutant] = [
         "            return tuple(offset), tuple(local_shape)",
         "            return (0,) * len(shape), tuple(local_shape)",
         "a rank asks for another rank's block than the one it loads",
-        (NODES + "::test_each_node_fetches_only_its_ranks_ranges_once",),
+        (NODES + "::test_the_store_sends_each_byte_once_and_each_node_caches_only_its_ranks_ranges",),
     ),
     Mutant(
         "checkpointer.ranges-on-one-node",

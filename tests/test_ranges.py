@@ -24,7 +24,7 @@ from ckptio.formats import (
     write_safetensors,
 )
 from ckptio.layout import read_weights
-from ckptio.storage import Storage
+from ckptio.storage import Storage, merge_ranges
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -156,3 +156,64 @@ def test_a_partial_cache_entry_fetches_only_what_it_lacks_and_records_only_check
     cache.max_bytes = 0
     cache.evict(keep=full)
     assert not os.path.exists(path) and not os.path.exists(path + HELD)
+
+
+def _bits(ranges) -> set[int]:
+    return {i for b, e in ranges for i in range(b, e)}
+
+
+def _whole_chunks(ranges, cuts: list[int]) -> set[int]:
+    """The bytes of the whole chunks (between consecutive ``cuts``) inside ``ranges``."""
+    out = set()
+    for b, e in merge_ranges(ranges):
+        inside = [c for c in cuts if b <= c <= e]
+        if len(inside) >= 2:
+            out |= set(range(inside[0], inside[-1]))
+    return out
+
+
+def test_the_fetch_plan_brings_each_node_what_it_lacks_from_one_owner_and_asks_the_store_once():
+    """Differential against plain sets of bytes, over random wants and holdings of up to 4 nodes."""
+    import random
+
+    from ckptio.cache import RANGE_GAP
+    from ckptio.formats import ChunkDigests
+    from ckptio.layout import FileChunks
+    from ckptio.node_fetch import plan_fetch
+
+    rng = random.Random(0)
+    for _ in range(300):
+        starts = sorted(rng.sample(range(1, 3000), 12) + [0])
+        chunks = FileChunks("f", 3100, 100, ChunkDigests(tuple(starts), (0,) * len(starts), 3000))
+        cuts = sorted({0, *chunks.cuts, 3100})
+        nodes = rng.randint(1, 4)
+
+        def some(n: int):
+            return [(b, min(3100, b + rng.randint(1, 400))) for b in (rng.randrange(100, 3100) for _ in range(n))]
+
+        wants = [{"f": [(0, 100), *some(rng.randint(0, 5))]} for _ in range(nodes)]
+        helds = [{"f": [(0, rng.choice([100, 137])), *some(rng.randint(0, 3))]} for _ in range(nodes)]
+        need, windows = plan_fetch({"f": chunks}, wants, helds)
+        pieces = [p for w in windows for p in w]
+        assert all(p.begin in cuts and p.end in cuts for p in pieces)  # whole chunks, checkable on arrival
+        assert len(_bits((p.begin, p.end) for p in pieces)) == sum(p.end - p.begin for p in pieces)  # once
+        holds = [_whole_chunks(h["f"], cuts) for h in helds]
+        for i in range(nodes):
+            # what a node wants (widened to whole chunks) and does not hold, it lacks, and some piece brings
+            wanted = set(range(100)) | _whole_chunks(
+                [(max(c for c in cuts if c <= b), min(c for c in cuts if c >= e)) for b, e in wants[i]["f"][1:]], cuts
+            )
+            assert _bits(need["f"][i]) == wanted - holds[i]
+            assert _bits(need["f"][i]) <= _bits((p.begin, p.end) for p in pieces)
+        lacking = set().union(*(_bits(n) for n in need["f"]))
+        for p in pieces:
+            if p.cached:  # served from the owner's cache: it holds every byte of the piece
+                assert set(range(p.begin, p.end)) <= holds[p.owner]
+        store = [p for p in pieces if not p.cached]
+        asked = _bits((p.begin, p.end) for p in store)
+        # the store is asked for what no node holds, and at most gaps shorter than a request between
+        assert lacking - set().union(*holds) <= asked
+        assert len(asked - (lacking - set().union(*holds))) <= RANGE_GAP * len(store)
+        assert all(p.end - p.begin <= 3100 for p in store)
+        load = [sum(p.end - p.begin for p in store if p.owner == i) for i in range(nodes)]
+        assert max(load) - min(load) <= max((p.end - p.begin for p in store), default=0)  # dealt out evenly
