@@ -183,7 +183,7 @@ def test_the_fetch_plan_brings_each_node_what_it_lacks_from_one_owner_and_asks_t
 
     rng = random.Random(0)
     for _ in range(300):
-        starts = sorted(rng.sample(range(1, 3000), 12) + [0])
+        starts = sorted([*rng.sample(range(1, 3000), 12), 0])
         chunks = FileChunks("f", 3100, 100, ChunkDigests(tuple(starts), (0,) * len(starts), 3000))
         cuts = sorted({0, *chunks.cuts, 3100})
         nodes = rng.randint(1, 4)
