@@ -11,7 +11,11 @@ by DCP (``FsspecWriter``), from 2 ranks. Each row then resumes it on N nodes: N 
 - ``ckptio``: ``Checkpointer.load_into`` (each node fetches the byte ranges its ranks read);
 - ``whole``: each node first downloads the whole files into its cache (ckptio before ranged
   resumes), then ``load_into``;
-- ``dcp``: ``torch.distributed.checkpoint.load`` through its fsspec reader.
+- ``dcp``: ``torch.distributed.checkpoint.load`` through its fsspec reader;
+- ``warm`` (only when asked for): ``load_into`` on nodes whose caches already hold what their ranks
+  read (an earlier resume, in processes of its own, filled them), so nothing is fetched: what a resume costs here besides the
+  fetch (finding the checkpoint, stats, headers, agreeing, loading the blocks), with 4 nodes' ranks,
+  the store and the proxy sharing this machine's cores.
 
 Time to resume: from before the load to every rank holding its state (the slowest rank). Writes
 ``benchmarks/results/nodes.json`` and ``nodes.md``.
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap-mib", type=float, default=16.0)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--methods", default="ckptio,whole,dcp")
-    p.add_argument("--job", choices=["save", "ckptio", "whole", "dcp"])  # inside torchrun
+    p.add_argument("--job", choices=["save", "ckptio", "whole", "dcp", "warm"])  # inside torchrun
     p.add_argument("--uri")
     p.add_argument("--opts")
     p.add_argument("--run-dir")
@@ -235,13 +239,17 @@ def main(argv: list[str] | None = None) -> int:
             "ckptio": sum(i["size"] for i in fs.ls("bench/ckpt/run/checkpoints", detail=True) if i["name"].endswith(".safetensors")),
             "dcp": sum(i["size"] for i in fs.ls("bench/ckpt/dcp", detail=True)),
         }  # fmt: skip
-        stored["whole"] = stored["ckptio"]
+        stored["whole"] = stored["warm"] = stored["ckptio"]
         rows: dict[str, dict] = {}
         for nodes in [int(n) for n in args.nodes.split(",")]:
             for method in args.methods.split(","):
                 samples = []
                 for r in range(args.repeats):
                     tag = f"{method}-{nodes}-{r}"
+                    if method == "warm":  # a resume of its own (processes too) fills each node's cache first
+                        _agents(
+                            ["--job", "ckptio", *direct, "--opts", json.dumps(_options(proxy.port))], nodes, work, tag
+                        )
                     before = proxy.sent
                     _agents(["--job", method, *direct, "--opts", json.dumps(_options(proxy.port))], nodes, work, tag)
                     with open(os.path.join(work, f"{tag}.json")) as f:

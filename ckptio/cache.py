@@ -54,20 +54,27 @@ def widen_ranges(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
     return merge_ranges(out)
 
 
-def cut_pieces(ranges: Ranges, cuts: Sequence[int], size: int) -> Ranges:
-    """Ranged reads of about ``RANGE_PIECE`` bytes covering ``ranges``, cut only at ``cuts`` (past the first)."""
+def cut_pieces(ranges: Ranges, cuts: Sequence[int], size: int, piece: int = RANGE_PIECE) -> Ranges:
+    """Ranged reads of about ``piece`` bytes covering ``ranges``, cut only at ``cuts`` (past the first)."""
     out: Ranges = []
     for begin, end in ranges:
         p = begin
         while p < end:
-            if not cuts or p + RANGE_PIECE < cuts[0]:
-                q = p + RANGE_PIECE
+            if not cuts or p + piece < cuts[0]:
+                q = p + piece
             else:
-                k = bisect.bisect_right(cuts, p + RANGE_PIECE) - 1
+                k = bisect.bisect_right(cuts, p + piece) - 1
                 q = cuts[k] if cuts[k] > p else next(iter(cuts[bisect.bisect_right(cuts, p) :]), size)
             out.append((p, min(q, end)))
             p = min(q, end)
     return out
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, at: int) -> None:
+    with memoryview(data) as view:
+        written = 0
+        while written < len(view):
+            written += os.pwrite(fd, view[written:], at + written)
 
 
 def default_cache_dir() -> str:
@@ -132,15 +139,16 @@ class NodeCache:
         ranges: Ranges,
         check: Callable[[int, bytes], None] | None = None,
         cuts: Sequence[int] = (),
+        info: FileInfo | None = None,
     ) -> tuple[str, Ranges]:
         """A local path holding at least byte ``ranges`` of ``name``, and every range it holds there.
 
         Ranges not yet held are fetched with concurrent ranged reads, widened to and cut only at
         ``cuts`` (sorted offsets: the file's digested chunks), so ``check(start, data)`` sees whole
-        chunks and may refuse a piece (its digest) before it is written. A failed fetch raises after recording the
+        chunks and may refuse a piece (its digest) before it is written. ``info``: the object's stat, if known. A failed fetch raises after recording the
         pieces that completed; nothing is recorded that was not wholly fetched, checked and synced.
         """
-        info = storage.info(name)  # one stat: the entry's key and the object's size
+        info = info or storage.info(name)  # one stat: the entry's key and the object's size
         path, held = self.partial(storage, name, info)
         if not path.endswith(PARTIAL):
             return path, held  # a full entry
@@ -179,10 +187,7 @@ class NodeCache:
                 )
             if check is not None:
                 check(begin, data)
-            with memoryview(data) as view:
-                written = 0
-                while written < len(view):
-                    written += os.pwrite(fd, view[written:], begin + written)
+            _pwrite_all(fd, data, begin)
             return begin, end
 
         error: BaseException | None = None
@@ -225,10 +230,7 @@ class NodeCache:
             if not path.endswith(PARTIAL):
                 return held
             for begin, data in parts:
-                with memoryview(data) as view:
-                    written = 0
-                    while written < len(view):
-                        written += os.pwrite(fd, view[written:], begin + written)
+                _pwrite_all(fd, data, begin)
             held = self._record(storage.url(name), path, fd, info.size, held, [(b, b + len(d)) for b, d in parts])
         os.utime(path)
         self.evict(keep=path)

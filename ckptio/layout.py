@@ -13,6 +13,7 @@ were named per save (``{base}.metrics.json``, ``{base}.trainer.safetensors``) st
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import io
@@ -55,7 +56,7 @@ from .formats import (
     verify_safetensors,
     write_safetensors,
 )
-from .storage import Storage, covers, is_network_filesystem, merge_ranges
+from .storage import FileInfo, Storage, covers, is_network_filesystem, merge_ranges
 from .trainer_state import FlatTrainerState
 
 __all__ = [
@@ -714,12 +715,12 @@ HEADER_GUESS = 64 * 1024
 Want = Callable[[str, str, tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]] | None]
 
 
-def _cached_header(storage: Storage, name: str, cache: NodeCache) -> SafetensorsHeader:
-    path, held = cache.fetch_ranges(storage, name, [(0, HEADER_GUESS)])
+def _cached_header(storage: Storage, name: str, cache: NodeCache, info: FileInfo | None = None) -> SafetensorsHeader:
+    path, held = cache.fetch_ranges(storage, name, [(0, HEADER_GUESS)], info=info)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if 8 + n > held[0][1] and n <= MAX_HEADER_BYTES:
-            path, held = cache.fetch_ranges(storage, name, [(0, 8 + n)])
+            path, held = cache.fetch_ranges(storage, name, [(0, 8 + n)], info=info)
         return read_header(f, file_size(f), storage.url(name))
 
 
@@ -728,23 +729,36 @@ def trainer_name(storage: Storage, weights: str, metadata: Mapping[str, str]) ->
     return Sidecars.of(weights, metadata, storage.url(weights)).trainer
 
 
-def cache_headers(storage: Storage, name: str, cache: NodeCache) -> dict[str, SafetensorsHeader]:
-    """The headers of a checkpoint's tensor files (weights, then trainer state if any), put in the node cache."""
-    headers = {name: _cached_header(storage, name, cache)}
+def cache_headers(
+    storage: Storage, name: str, cache: NodeCache, infos: dict[str, FileInfo] | None = None
+) -> dict[str, SafetensorsHeader]:
+    """The headers of a checkpoint's tensor files (weights, then trainer state if any), put in the node cache.
+
+    ``infos``: the files' stats as far as known, completed here (on a store, each stat is a request).
+    """
+    infos = {} if infos is None else infos
+    if name not in infos:
+        infos[name] = storage.info(name)
+    headers = {name: _cached_header(storage, name, cache, infos[name])}
     trainer = trainer_name(storage, name, headers[name].metadata)
-    if trainer is not None and storage.exists(trainer):
-        headers[trainer] = _cached_header(storage, trainer, cache)
+    if trainer is not None and trainer not in infos:
+        with contextlib.suppress(CheckpointNotFoundError):  # a checkpoint saved without trainer state
+            infos[trainer] = storage.info(trainer)
+    if trainer is not None and trainer in infos:
+        headers[trainer] = _cached_header(storage, trainer, cache, infos[trainer])
     return headers
 
 
-def wanted_ranges(storage: Storage, name: str, cache: NodeCache, want: Want) -> dict[str, list[tuple[int, int]] | None]:
+def wanted_ranges(
+    storage: Storage, name: str, cache: NodeCache, want: Want, infos: dict[str, FileInfo] | None = None
+) -> dict[str, list[tuple[int, int]] | None]:
     """The byte ranges of a checkpoint's tensor files one rank reads, by file, from headers already cached.
 
     A file without chunk digests (from older ckptio or another writer) is wanted whole (None): a part of it
     could not be checked.
     """
     out: dict[str, list[tuple[int, int]] | None] = {}
-    for file, hdr in cache_headers(storage, name, cache).items():
+    for file, hdr in cache_headers(storage, name, cache, infos).items():
         label = "weights" if file == name else "trainer"
         chunks = chunk_digests(hdr, storage.url(file))
         if chunks is None:
@@ -791,9 +805,9 @@ class FileChunks:
                 self.digests.check(i, view[b + at - start : e + at - start], self.source)
 
 
-def file_chunks(storage: Storage, name: str, cache: NodeCache) -> FileChunks | None:
+def file_chunks(storage: Storage, name: str, cache: NodeCache, info: FileInfo | None = None) -> FileChunks | None:
     """A tensor file's chunks, from its header in the node cache (None without chunk digests)."""
-    hdr = _cached_header(storage, name, cache)
+    hdr = _cached_header(storage, name, cache, info)
     source = storage.url(name)
     digests = chunk_digests(hdr, source)
     return None if digests is None else FileChunks(source, hdr.file_size, hdr.data_start, digests)

@@ -27,7 +27,7 @@ from . import ranks
 from .cache import RANGE_GAP, RANGE_PIECE, RANGE_WORKERS, NodeCache, cut_pieces, widen_ranges
 from .errors import StorageError, typed_io
 from .layout import FileChunks, Want, cache_headers, file_chunks, wanted_ranges
-from .storage import Storage, intersect_ranges, merge_ranges, subtract_ranges
+from .storage import FileInfo, Storage, intersect_ranges, merge_ranges, subtract_ranges
 
 __all__ = ["Piece", "fetch_for_nodes", "plan_fetch"]
 
@@ -36,6 +36,7 @@ log = logging.getLogger("ckptio")
 Ranges = list[tuple[int, int]]
 # bytes of pieces a window holds per node: every worker busy with a full piece
 WINDOW_PER_NODE = RANGE_WORKERS * RANGE_PIECE
+MIN_PIECE = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ def plan_fetch(
             mine = intersect_ranges(rest, held[i])
             pieces += [Piece(file, b, e, i, True) for b, e in cut_pieces(mine, cuts, size)]
             rest = subtract_ranges(rest, mine)
-        for b, e in cut_pieces(store, cuts, size):  # dealt out evenly
+        # pieces small enough to keep every node's workers busy, large enough that requests stay few
+        piece = min(RANGE_PIECE, max(MIN_PIECE, sum(e - b for b, e in store) // (nodes * RANGE_WORKERS)))
+        for b, e in cut_pieces(store, cuts, size, piece):  # dealt out evenly
             owner = min(range(nodes), key=lambda i: (load[i], i))
             load[owner] += e - b
             pieces.append(Piece(file, b, e, owner, False))
@@ -113,9 +116,11 @@ def _parts(pieces: Sequence[Piece], need: Mapping[str, list[Ranges]], node: int)
     return out
 
 
-def _obtain(storage: Storage, cache: NodeCache, files: Mapping[str, FileChunks], pieces: Sequence[Piece]) -> dict:
+def _obtain(
+    storage: Storage, cache: NodeCache, files: Mapping[str, FileChunks], pieces: Sequence[Piece], infos: Mapping
+) -> dict:
     """This node's pieces' bytes: from its cache where it holds them, else from the store, each chunk checked."""
-    paths = {p.file: cache.partial(storage, p.file)[0] for p in pieces if p.cached}
+    paths = {p.file: cache.partial(storage, p.file, infos[p.file])[0] for p in pieces if p.cached}
 
     def one(p: Piece) -> bytes:
         if p.cached:
@@ -148,6 +153,7 @@ def _share(
     data: Mapping[Piece, bytes],
     me: int,
     fetchers: Sequence[int],
+    infos: Mapping,
 ) -> None:
     """Node ``me``'s fetching rank: send each other node its parts of this node's pieces, receive and cache its own."""
     owned = [[p for p in pieces if p.owner == k] for k in range(len(fetchers))]
@@ -167,19 +173,20 @@ def _share(
             by_file.setdefault(p.file, []).append((b, payload[at : at + e - b]))
             at += e - b
     for file, received in by_file.items():
-        cache.put_ranges(storage, file, received, files[file].check)
+        cache.put_ranges(storage, file, received, files[file].check, infos[file])
 
 
 def fetch_for_nodes(storage: Storage, name: str, cache: NodeCache, want: Want) -> None:
     """Every rank: each node's cache gets the byte ranges its ranks read (they say which); the store sends each once."""
     rank = ranks.rank_info()
     source = storage.url(name)
+    infos: dict[str, FileInfo] = {}  # one stat per file: on a store, each is a request
     with typed_io(source, "fetching headers into the node cache"):
-        ranks.together(lambda: cache_headers(storage, name, cache), here=rank.is_local_master)
+        ranks.together(lambda: cache_headers(storage, name, cache, infos), here=rank.is_local_master)
 
     def local() -> tuple[str, dict, dict | None]:
-        wanted = wanted_ranges(storage, name, cache, want)
-        held = {f: cache.partial(storage, f)[1] for f in wanted} if rank.is_local_master else None
+        wanted = wanted_ranges(storage, name, cache, want, infos)
+        held = {f: cache.partial(storage, f, infos[f])[1] for f in wanted} if rank.is_local_master else None
         return ranks.node_id(), wanted, held
 
     with typed_io(source, "reading headers from the node cache"):
@@ -205,21 +212,22 @@ def fetch_for_nodes(storage: Storage, name: str, cache: NodeCache, want: Want) -
     whole = sorted({f for w in wants for f, r in w.items() if r is None})  # files without chunk digests
     with typed_io(source, "fetching this node's ranges into the node cache"):
         ranks.together(lambda: [cache.fetch(storage, f) for f in whole], here=fetching)
-        files = {f: file_chunks(storage, f, cache) for f in wants[me] if f not in whole}
+        files = {f: file_chunks(storage, f, cache, infos[f]) for f in wants[me] if f not in whole}
         need, windows = plan_fetch(files, wants, helds)  # type: ignore[arg-type]
         error: BaseException | None = None
         for pieces in windows:
             data: dict = {}
             try:
                 if fetching and error is None:
-                    data = _obtain(storage, cache, files, [p for p in pieces if p.owner == me])  # type: ignore[arg-type]
+                    mine = [p for p in pieces if p.owner == me]
+                    data = _obtain(storage, cache, files, mine, infos)  # type: ignore[arg-type]
             except Exception as e:
                 error = e
             # every rank stops together: no node sends, or waits for, parts of a window that failed anywhere
             ranks.raise_together(error)
             try:
                 if fetching:
-                    _share(storage, cache, files, need, pieces, data, me, fetchers)  # type: ignore[arg-type]
+                    _share(storage, cache, files, need, pieces, data, me, fetchers, infos)  # type: ignore[arg-type]
             except Exception as e:
                 error = e  # raised, on every rank, at the next agreement
         ranks.raise_together(error)
