@@ -795,4 +795,40 @@ MUTANTS: list[Mutant] = [
         "a tensor's dim-0 blocks are written in another order than its rows",
         (SHARDED + "::test_fsdp2_saves_one_standard_file_and_resumes_at_other_world_sizes",),
     ),
+    # -- a resume on several nodes: the store sends each byte once ----------------------------------
+    Mutant(
+        "node_fetch.store-refetches-held",
+        "node_fetch.py",
+        "store = merge_ranges(subtract_ranges(lacking, merge_ranges(r for h in held for r in h)), RANGE_GAP)",
+        "store = merge_ranges(lacking, RANGE_GAP)",
+        "bytes some node's cache holds are asked of the store again",
+        (
+            RANGES + "::test_the_fetch_plan_brings_each_node_what_it_lacks_from_one_owner_and_asks_the_store_once",
+            NODES + "::test_a_node_cache_holding_other_ranges_fetches_only_what_it_lacks",
+        ),
+    ),
+    Mutant(
+        "node_fetch.pieces-to-one-node",
+        "node_fetch.py",
+        "owner = min(range(nodes), key=lambda i: (load[i], i))",
+        "owner = 0",
+        "one node fetches every piece while the others wait",
+        (RANGES + "::test_the_fetch_plan_brings_each_node_what_it_lacks_from_one_owner_and_asks_the_store_once",),
+    ),
+    Mutant(
+        "node_fetch.parts-for-another-node",
+        "node_fetch.py",
+        "fetchers[n]: [memoryview(data[p])[b - p.begin : e - p.begin] for p, b, e in _parts(owned[me], need, n)]",
+        "fetchers[n]: [memoryview(data[p])[b - p.begin : e - p.begin] for p, b, e in _parts(owned[me], need, me)]",
+        "a node is sent the parts another node lacks",
+        (NODES + "::test_the_store_sends_each_byte_once_and_each_node_caches_only_its_ranks_ranges",),
+    ),
+    Mutant(
+        "cache.received-part-unchecked",
+        "cache.py",
+        "        for begin, data in parts:\n            check(begin, data)\n",
+        "        for begin, data in parts[:0]:\n            check(begin, data)\n",
+        "parts received from another node are cached unchecked",
+        (RANGES + "::test_a_partial_cache_entry_fetches_only_what_it_lacks_and_records_only_checked_pieces",),
+    ),
 ]

@@ -151,6 +151,14 @@ def test_a_partial_cache_entry_fetches_only_what_it_lacks_and_records_only_check
     assert (148_456, 152_552) in held and not any(b <= 200_000 < e for b, e in held)  # the good piece only
     record = json.load(open(path + HELD))
     assert [tuple(r) for r in record["held"]] == held
+    # parts that arrive from another node: written and recorded only if every one passes its check
+    with pytest.raises(ckptio.CorruptCheckpointError):
+        cache.put_ranges(storage, "f.safetensors", [(250_000, data[250_000:251_000]), (200_000, b"x" * 4)], refuse)
+    assert cache.partial(storage, "f.safetensors")[1] == held
+    assert open(path, "rb").read()[250_000:251_000] == bytes(1000)  # not even written
+    got = cache.put_ranges(storage, "f.safetensors", [(250_000, data[250_000:251_000])], refuse)
+    assert got == merge_ranges([*held, (250_000, 251_000)]) == cache.partial(storage, "f.safetensors")[1]
+    assert open(path, "rb").read()[250_000:251_000] == data[250_000:251_000]
     full = cache.fetch(storage, "f.safetensors")  # a whole copy serves every range from now on
     assert cache.fetch_ranges(storage, "f.safetensors", [(0, 10)])[0] == full
     cache.max_bytes = 0
