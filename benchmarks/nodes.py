@@ -294,8 +294,10 @@ def markdown(result: dict) -> str:
     for nodes in sorted({r["nodes"] for r in rows.values()}):
         a, b = rows.get(f"nodes.ckptio.{nodes}"), rows.get(f"nodes.whole.{nodes}")
         if a and b:
+            warm = rows.get(f"nodes.warm.{nodes}")
+            floor = f"; a resume fetching nothing (warm caches): {warm['seconds'] / b['seconds']:.2f}x" if warm else ""
             lines.append(f"- {nodes} node(s): ckptio's time to resume is {a['seconds'] / b['seconds']:.2f}x the "
-                         f"whole-file download's; bytes {a['bytes'] / b['bytes']:.2f}x")  # fmt: skip
+                         f"whole-file download's; bytes {a['bytes'] / b['bytes']:.2f}x{floor}")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
