@@ -8,7 +8,8 @@ A moto S3 server on 127.0.0.1 sits behind a proxy that caps each connection at `
 by DCP (``FsspecWriter``), from 2 ranks. Each row then resumes it on N nodes: N torchrun agents
 (``--nnodes=N --node_rank=i``), one rank each, each with its own empty node cache and run directory:
 
-- ``ckptio``: ``Checkpointer.load_into`` (each node fetches the byte ranges its ranks read);
+- ``ckptio``: ``Checkpointer.load_into`` (the nodes fetch the checkpoint's pieces once between them
+  and send each other the parts their ranks read);
 - ``whole``: each node first downloads the whole files into its cache (ckptio before ranged
   resumes), then ``load_into``;
 - ``dcp``: ``torch.distributed.checkpoint.load`` through its fsspec reader;
