@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -89,8 +90,8 @@ def plan_fetch(
             pieces += [Piece(file, b, e, i, True) for b, e in cut_pieces(mine, cuts, size)]
             rest = subtract_ranges(rest, mine)
         # pieces small enough to keep every node's workers busy, large enough that requests stay few
-        piece = min(RANGE_PIECE, max(MIN_PIECE, sum(e - b for b, e in store) // (nodes * RANGE_WORKERS)))
-        for b, e in cut_pieces(store, cuts, size, piece):  # dealt out evenly
+        piece_bytes = min(RANGE_PIECE, max(MIN_PIECE, sum(e - b for b, e in store) // (nodes * RANGE_WORKERS)))
+        for b, e in cut_pieces(store, cuts, size, piece_bytes):  # dealt out evenly
             owner = min(range(nodes), key=lambda i: (load[i], i))
             load[owner] += e - b
             pieces.append(Piece(file, b, e, owner, False))
@@ -111,8 +112,13 @@ def _parts(pieces: Sequence[Piece], need: Mapping[str, list[Ranges]], node: int)
     """The parts of ``pieces`` that ``node`` lacks, in piece order: what travels to it, and in what order."""
     out = []
     for p in pieces:
-        for b, e in intersect_ranges([(p.begin, p.end)], need[p.file][node]):
-            out.append((p, b, e))
+        lacks = need[p.file][node]  # sorted and disjoint: start from the last range beginning before the piece
+        k = max(0, bisect.bisect_right(lacks, (p.begin, math.inf)) - 1)
+        while k < len(lacks) and lacks[k][0] < p.end:
+            b, e = max(lacks[k][0], p.begin), min(lacks[k][1], p.end)
+            if b < e:
+                out.append((p, b, e))
+            k += 1
     return out
 
 
