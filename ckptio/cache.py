@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from .errors import StorageError
 from .storage import FileInfo, Storage, atomic_file, merge_ranges, subtract_ranges
 
-__all__ = ["NodeCache", "cut_pieces", "default_cache_dir", "widen_ranges"]
+__all__ = ["NodeCache", "cut_pieces", "default_cache_dir", "exact", "widen_ranges"]
 
 log = logging.getLogger("ckptio")
 
@@ -68,6 +68,13 @@ def cut_pieces(ranges: Ranges, cuts: Sequence[int], size: int, piece: int = RANG
             out.append((p, min(q, end)))
             p = min(q, end)
     return out
+
+
+def exact(data: bytes, begin: int, end: int, source: str) -> bytes:
+    """``data``, read as bytes ``[begin, end)`` of ``source``, if it is all of them (else StorageError)."""
+    if len(data) != end - begin:
+        raise StorageError(f"{source}: asked for bytes [{begin}, {end}), got {len(data)} (did it change meanwhile?)")
+    return data
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, at: int) -> None:
@@ -180,11 +187,7 @@ class NodeCache:
         done: Ranges,
     ) -> None:
         def one(begin: int, end: int) -> tuple[int, int]:
-            data = storage.read_range(name, begin, end)
-            if len(data) != end - begin:
-                raise StorageError(
-                    f"{storage.url(name)}: asked for bytes [{begin}, {end}), got {len(data)} (did it change meanwhile?)"
-                )
+            data = exact(storage.read_range(name, begin, end), begin, end, storage.url(name))
             if check is not None:
                 check(begin, data)
             _pwrite_all(fd, data, begin)

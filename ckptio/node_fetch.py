@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from . import ranks
-from .cache import RANGE_GAP, RANGE_PIECE, RANGE_WORKERS, NodeCache, cut_pieces, widen_ranges
-from .errors import StorageError, typed_io
+from .cache import RANGE_GAP, RANGE_PIECE, RANGE_WORKERS, NodeCache, cut_pieces, exact, widen_ranges
+from .errors import typed_io
 from .layout import FileChunks, Want, cache_headers, file_chunks, wanted_ranges
 from .storage import FileInfo, Storage, intersect_ranges, merge_ranges, subtract_ranges
 
@@ -134,11 +134,7 @@ def _obtain(
                 data = os.pread(f.fileno(), p.end - p.begin, p.begin)
         else:
             data = storage.read_range(p.file, p.begin, p.end)
-        if len(data) != p.end - p.begin:
-            raise StorageError(
-                f"{storage.url(p.file)}: asked for bytes [{p.begin}, {p.end}), got {len(data)} (did it change meanwhile?)"
-            )
-        files[p.file].check(p.begin, data)
+        files[p.file].check(p.begin, exact(data, p.begin, p.end, storage.url(p.file)))
         return data
 
     with concurrent.futures.ThreadPoolExecutor(RANGE_WORKERS, thread_name_prefix="ckptio-range") as pool:
