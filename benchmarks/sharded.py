@@ -3,9 +3,10 @@
 An FSDP2 model (the benchmark policy, fully_shard per block) with Adam state, at ``--nproc``
 ranks. Each method runs in the same job, in turns, so the ratios compare like with like:
 
-- save: ckptio (every rank gathers one tensor at a time to the master, which streams one file),
-  a full gather (get_model_state_dict/get_optimizer_state_dict full_state_dict) + save_file, DCP save;
-  seconds, and the master's peak RSS growth.
+- save: ckptio (every rank sends its blocks to the master, which streams the weights and trainer-state
+  files), a full gather (get_model_state_dict/get_optimizer_state_dict full_state_dict) + save_file, DCP
+  save; seconds, and the master's peak RSS growth. Each save writes new names; older ones are deleted
+  between timed parts (ckptio's retention, keep_last=1, runs then too: off the training thread).
 - load into the sharded model: ckptio ``load_into`` and DCP load; seconds and each rank's RSS growth.
 - async stall: ckptio async save, copying the model's and optimizer's local shards into reused
   buffers (the floor of any snapshot), DCP async_save.
@@ -125,19 +126,25 @@ def main() -> int:
         os.path.join(args.dir, "async"), arch, ckptio.CheckpointConfig(keep_last=1, async_save=True)
     )
 
+    # every save writes new names, as training does each epoch: overwriting a large file costs more than a fresh
+    # write on this disk (discard). What an earlier save left is deleted between the timed parts (settle), as
+    # ckptio's retention deletes it off the training thread.
+    fresh = iter(range(10_000))
+
     def full_gather_save_file() -> None:
         from safetensors.torch import save_file
 
         sd = get_model_state_dict(model, options=FULL)
         osd = get_optimizer_state_dict(model, opt, options=FULL)
         if rank == 0:
-            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(full_dir, "model.safetensors"))
+            n = next(fresh)
+            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(full_dir, f"model-{n}.safetensors"))
             flat = {f"{fqn}.{k}": v.contiguous() for fqn, st in osd["state"].items() for k, v in st.items()}
-            save_file(flat, os.path.join(full_dir, "optim.safetensors"))
+            save_file(flat, os.path.join(full_dir, f"optim-{n}.safetensors"))
 
     def dcp_save() -> None:
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=dcp_dir)  # fmt: skip
+                 checkpoint_id=os.path.join(dcp_dir, str(next(fresh))))  # fmt: skip
 
     buffers: dict[str, torch.Tensor] = {}
 
@@ -157,7 +164,7 @@ def main() -> int:
 
     def dcp_async() -> None:
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        pending.append(dcp.async_save(state, checkpoint_id=dcp_dir + "-async"))
+        pending.append(dcp.async_save(state, checkpoint_id=os.path.join(dcp_dir + "-async", str(next(fresh)))))
 
     epoch = iter(range(1, 10_000))
     saves = {
@@ -171,10 +178,17 @@ def main() -> int:
         "dcp_async_save": dcp_async,
     }
 
-    def settle() -> None:  # the previous background save finishes outside the timed part
+    def settle() -> None:  # the previous background save and retention finish outside the timed part
         async_ckpt.wait()
+        ckpt.wait()
         while pending:
             pending.pop().result()
+        dist.barrier()
+        if rank == 0:
+            for d in (full_dir, dcp_dir, dcp_dir + "-async"):
+                for name in os.listdir(d) if os.path.isdir(d) else ():
+                    path = os.path.join(d, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
         dist.barrier()
 
     samples: dict[str, list[dict]] = {}

@@ -8,6 +8,7 @@ next save, or close), as Lightning's ``AsyncCheckpointIO`` wraps any ``Checkpoin
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -56,18 +57,28 @@ class AsyncSaver:
             torch.cuda.synchronize()  # the copies must have landed before the caller's next step
         return out
 
-    def save(self, write: Callable[..., None], *args: Any, background: bool) -> None:
-        """``write(*args)``, after the save in flight (whose error raises here): now, or on the worker thread."""
+    def save(
+        self, write: Callable[..., None], *args: Any, background: bool, after: Callable[[], None] | None = None
+    ) -> None:
+        """``write(*args)``, after the save in flight (whose error raises here): now, or on the worker thread.
+
+        ``after`` (retention) runs once the save is written, on the worker thread either way: the caller
+        does not wait for it, and its error is raised like a background save's.
+        """
         self.wait()
+        steps = [after] if after is not None else []
         if not background:
             write(*args)
-            return
-        self._thread = threading.Thread(target=self._run, args=(write, *args), name="ckptio-save", daemon=True)
-        self._thread.start()
+        else:
+            steps.insert(0, functools.partial(write, *args))
+        if steps:
+            self._thread = threading.Thread(target=self._run, args=(steps,), name="ckptio-save", daemon=True)
+            self._thread.start()
 
-    def _run(self, save: Callable[..., None], *args: Any) -> None:
+    def _run(self, steps: list[Callable[[], None]]) -> None:
         try:
-            save(*args)
+            for step in steps:
+                step()
         except BaseException as e:
             log.error("background save failed: %s", e)
             self._error = e

@@ -25,6 +25,7 @@ from .discovery import CheckpointInfo, artifact_of
 from .errors import (
     CheckpointError,
     CheckpointFormatError,
+    save_failed,
     typed_io,
 )
 from .layout import (
@@ -289,11 +290,13 @@ class Checkpointer:
                 self._shard_group = sharded.new_group(self.config.shard_timeout_s)
             self.saves.wait()
             unit = sharded.ShardedSave(self._shard_group, job, snapshot, ahead=self.config.shard_tensors_ahead)
-            self.saves.save(unit.write, self._write, background=background)
+            retain = self._retain if self.rank.is_master else None
+            self.saves.save(unit.write, self._write, background=background, after=retain)
         else:  # the master alone is here: no collective
             self._check_manifest()
             self.saves.wait()
-            self.saves.save(self._write, job.copied(snapshot) if background else job, background=background)
+            job = job.copied(snapshot) if background else job
+            self.saves.save(self._write, job, background=background, after=self._retain)
         return job.checkpoint.uri if self.rank.is_master else None
 
     def wait(self) -> None:
@@ -301,11 +304,21 @@ class Checkpointer:
         self.saves.wait()
 
     def _write(self, job: PendingSave) -> None:
-        """The master's synchronous save: the checkpoint, its upload queued, then retention."""
+        """The master's synchronous save: the checkpoint, then its upload queued."""
         args = (job.weights, job.epoch, job.metrics)
-        kwargs = {"policy_architecture": self._architecture, "trainer_state": job.trainer}
+        kwargs = {"policy_architecture": self._architecture, "trainer_state": job.trainer, "prune": False}
         saved = self.mirror.save(*args, **kwargs) if self.mirror else self.manager.save_checkpoint(*args, **kwargs)
         log.info("saved %s", saved.uri)
+
+    def _retain(self) -> None:
+        """The master's retention after a save, off the training thread: deleting a large checkpoint can take
+        as long as writing one on some disks. It ends before the next save, resume or close, which raise its error."""
+        try:
+            deleted = self.mirror.prune_local() if self.mirror else self.manager.prune()
+        except Exception as e:
+            raise save_failed(self.latest_uri() or self.manager.checkpoint_dir, "applying retention", e) from e
+        for uri in deleted:
+            log.info("retention deleted %s", uri)
 
     def close(self) -> None:
         """Every rank: finish the background save and uploads, then leave together; raise if any failed.

@@ -18,7 +18,8 @@ class CheckpointConfig:
     - What is written: ``checkpoint_format`` ("safetensors", or "pt" for plain models), every
       ``epoch_interval`` epochs (``save(force=True)`` saves anyway), named ``{run_name}.e{epoch}``.
     - Retention: ``keep_last`` newest and ``keep_best=(metric, "max"|"min", count)``; None keeps all.
-      Never deleted: the newest, this job's last save, anything still uploading.
+      Never deleted: the newest, this job's last save, anything still uploading. It runs after ``save``
+      returns, off the training thread; the next save, resume, ``wait()`` or ``close()`` waits for it.
     - The run directory's fsspec ``storage_options`` (credentials, endpoint), when it is a URI.
     - Object storage: ``remote_uri`` (+ ``remote_storage_options``) gets a copy of every checkpoint from
       ``upload_workers`` background threads; at most ``upload_max_pending`` wait (``upload_coalesce``

@@ -13,13 +13,16 @@ were named per save (``{base}.metrics.json``, ``{base}.trainer.safetensors``) st
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
+import functools
 import hashlib
 import io
 import json
 import os
 import re
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -393,19 +396,52 @@ def write_checkpoint(
         storage.write_bytes(name, payload)
         meta[METRICS_FILE_KEY], meta[METRICS_CRC_KEY] = name, crc32_hex(payload)
         names.append(name)
-    if trainer_state is not None:
-        tensors, trainer_meta = trainer_state
-        name = f"{base}.{save_id}{TRAINER_SUFFIX}"
-        storage.write(name, lambda f: write_safetensors(f, tensors, {**trainer_meta, SAVE_ID_KEY: save_id}))
-        meta[TRAINER_FILE_KEY] = name
-        names.append(name)
-    if checkpoint_format == "safetensors":
-        uri = storage.write(weights, lambda f: write_safetensors(f, state_dict, meta, detach=detach_buffers))
-    else:
-        uri = storage.write(weights, lambda f: save_pt(f, state_dict, meta))
+    trainer: concurrent.futures.Future[str] | None = None
+    try:
+        if trainer_state is not None:
+            tensors, trainer_meta = trainer_state
+            name = f"{base}.{save_id}{TRAINER_SUFFIX}"
+            trainer = _commit_aside(
+                storage, name, lambda f: write_safetensors(f, tensors, {**trainer_meta, SAVE_ID_KEY: save_id})
+            )
+            meta[TRAINER_FILE_KEY] = name
+            names.append(name)
+        committed = trainer.result if trainer is not None else None  # the sidecar appears before the weights
+        if checkpoint_format == "safetensors":
+            write = functools.partial(write_safetensors, tensors=state_dict, metadata=meta, detach=detach_buffers)
+        else:
+            write = functools.partial(save_pt, tensors=state_dict, metadata=meta)
+        uri = storage.write(weights, write, before_commit=committed)
+    finally:
+        if trainer is not None:
+            concurrent.futures.wait([trainer])  # never a file still being committed behind a failed save
     names.append(weights)
     remove_replaced(storage, weights, keep=names, other_formats=replace_other_format)
     return SavedCheckpoint(uri=uri, names=tuple(names))
+
+
+def _commit_aside(storage: Storage, name: str, writer: Callable[[IO[bytes]], None]) -> concurrent.futures.Future[str]:
+    """``storage.write(name, writer)`` on a helper thread, returning once ``writer`` has handed over every byte: the
+    caller writes its next file while this one's fsync and rename (or upload) go on. The future is its commit."""
+    handed_over, failed = threading.Event(), threading.Event()
+
+    def write(f: IO[bytes]) -> None:
+        try:
+            writer(f)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            handed_over.set()
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckptio-commit")
+    done = pool.submit(storage.write, name, write)
+    pool.shutdown(wait=False)
+    done.add_done_callback(lambda _: handed_over.set())  # also when it fails before its writer runs
+    handed_over.wait()
+    if failed.is_set() or (done.done() and done.exception() is not None):
+        done.result()  # its error, once its temporary is gone: the save stops here
+    return done
 
 
 _SAVE_ID_RE = re.compile(r"[0-9a-f]{12}")

@@ -57,14 +57,15 @@ class RemoteMirror:
             file_timeout_s=c.upload_file_timeout_s,
         )  # fmt: skip
 
-    def save(self, *args: Any, **kwargs: Any) -> SavedCheckpoint:
+    def save(self, *args: Any, prune: bool = True, **kwargs: Any) -> SavedCheckpoint:
         """``local.save_checkpoint(...)``, then its upload queued, then local retention (sparing what uploads)."""
         saved = self.local.save_checkpoint(*args, prune=False, **kwargs)
         self.submit(saved)
-        try:
-            self.prune_local()
-        except Exception as e:
-            raise save_failed(saved.uri, "applying retention", e) from e
+        if prune:
+            try:
+                self.prune_local()
+            except Exception as e:
+                raise save_failed(saved.uri, "applying retention", e) from e
         return saved
 
     def keep_until_uploaded(self, name: str) -> None:

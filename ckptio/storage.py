@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import functools
 import logging
 import math
 import os
@@ -199,6 +200,13 @@ def atomic_file(path: str, *, exclusive: bool = False) -> Iterator[str]:
         raise
 
 
+def _then(writer: Callable[[IO[bytes]], None], after: Callable[[], None], f: IO[bytes], *, durable: bool) -> None:
+    writer(f)
+    if durable:  # the fsync after the writer then finds nothing left to flush
+        os.fsync(f.fileno())
+    after()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -376,9 +384,22 @@ class Storage:
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
     # -- writing -----------------------------------------------------------------------------
-    def write(self, name: str, writer: Callable[[IO[bytes]], None], *, exclusive: bool = False) -> str:
-        """Write ``name`` all-or-nothing via ``writer(file)``; exclusive raises FileExistsError if present."""
+    def write(
+        self,
+        name: str,
+        writer: Callable[[IO[bytes]], None],
+        *,
+        exclusive: bool = False,
+        before_commit: Callable[[], None] | None = None,
+    ) -> str:
+        """Write ``name`` all-or-nothing via ``writer(file)``; exclusive raises FileExistsError if present.
+
+        ``before_commit`` runs once the data is durable (fsynced; on a store, written but not yet closed) and
+        before ``name`` appears; if it raises, ``name`` never appears.
+        """
         path = self.path(name, writing=True)
+        if before_commit is not None:
+            writer = functools.partial(_then, writer, before_commit, durable=self.is_local)
         if self.is_local:
             self._write_local(path, writer, exclusive)
         else:

@@ -55,6 +55,23 @@ SUPERSEDE = TRUST + "::test_a_resave_while_the_previous_save_uploads_supersedes_
 MUTANTS: list[Mutant] = [
     # -- layout: one checkpoint's files ------------------------------------------------------------
     Mutant(
+        "layout.weights-commit-before-trainer-state",
+        "layout.py",
+        "uri = storage.write(weights, write, before_commit=committed)",
+        "uri = storage.write(weights, write)",
+        "the weights (the commit point) can appear before their trainer-state file: a crash between leaves a "
+        "checkpoint that looks whole but cannot resume",
+        (FAULTS + "::test_the_weights_stream_while_the_trainer_state_commits_and_appear_only_after_it", SAVE_ORDER),
+    ),
+    Mutant(
+        "layout.trainer-state-committed-before-the-weights-are-written",
+        "layout.py",
+        "    handed_over.wait()\n",
+        "    concurrent.futures.wait([done])\n",
+        "the trainer-state file's flush to disk no longer overlaps the weights' write: a sharded save waits for it",
+        (FAULTS + "::test_the_weights_stream_while_the_trainer_state_commits_and_appear_only_after_it",),
+    ),
+    Mutant(
         "layout.trainer-state-of-another-save",
         "layout.py",
         "if sidecars.declared and meta.get(SAVE_ID_KEY) != metadata.get(SAVE_ID_KEY):",
@@ -451,7 +468,31 @@ MUTANTS: list[Mutant] = [
         "a failed background save is never reported",
         (TRUST + "::test_a_failed_save_is_one_error_type_naming_the_checkpoint",),
     ),
+    Mutant(
+        "async.retention-on-the-callers-thread",
+        "async_save.py",
+        "        if not background:\n            write(*args)\n",
+        "        if not background:\n            write(*args)\n            steps = [s() for s in steps] and []\n",
+        "a synchronous save makes the training thread wait while retention deletes the previous checkpoint",
+        (CKPT + "::test_retention_runs_after_save_returns_and_its_failure_raises_at_the_next_call[sync]",),
+    ),
     # -- checkpointer --------------------------------------------------------------------------------
+    Mutant(
+        "checkpointer.retention-never-runs",
+        "checkpointer.py",
+        "            self.saves.save(self._write, job, background=background, after=self._retain)",
+        "            self.saves.save(self._write, job, background=background)",
+        "keep_last is ignored by the Checkpointer: old checkpoints pile up until the disk is full",
+        (CKPT + "::test_retention_runs_after_save_returns_and_its_failure_raises_at_the_next_call[sync]",),
+    ),
+    Mutant(
+        "checkpointer.retention-error-unnamed",
+        "checkpointer.py",
+        '            raise save_failed(self.latest_uri() or self.manager.checkpoint_dir, "applying retention", e) from e',
+        "            raise",
+        "a retention failure reaches the caller as a bare OSError, not the save's typed error",
+        (CKPT + "::test_retention_runs_after_save_returns_and_its_failure_raises_at_the_next_call[sync]",),
+    ),
     Mutant(
         "layout.background-save-keeps-callers-metrics",
         "layout.py",

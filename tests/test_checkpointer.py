@@ -303,3 +303,56 @@ def test_together_runs_a_step_only_where_asked():
     assert calls == [1]
     with pytest.raises(ckptio.StorageError):
         ranks.together(lambda: (_ for _ in ()).throw(ckptio.StorageError("s3://b/x: download failed")))
+
+
+@pytest.mark.parametrize("async_", [False, True], ids=["sync", "async"])
+def test_retention_runs_after_save_returns_and_its_failure_raises_at_the_next_call(
+    tmp_path, policy, monkeypatch, async_
+):
+    """Deleting a large checkpoint can take as long as writing one: save() returns first, and what retention
+    does is finished (or raised, typed) by wait(), the next save or close(); the new checkpoint is never lost."""
+    import errno
+
+    from archs import MLPArch
+
+    from ckptio.storage import Storage
+
+    run = tmp_path / "run"
+    ckpt = ckptio.Checkpointer(str(run), MLPArch(), ckptio.CheckpointConfig(keep_last=1))
+    first = ckpt.save(policy, 1, force=True)
+    ckpt.wait()
+    release, deleting = threading.Event(), threading.Event()
+    original = Storage.delete
+
+    def held(self, name, missing_ok=True):
+        deleting.set()
+        assert release.wait(60), "retention was never released"
+        return original(self, name, missing_ok)
+
+    monkeypatch.setattr(Storage, "delete", held)
+    returned = threading.Event()
+    saver = threading.Thread(target=lambda: (ckpt.save(policy, 2, force=True, async_=async_), returned.set()))
+    saver.start()
+    assert deleting.wait(60), "retention never started"
+    assert returned.wait(60), "save() waited for retention"
+    assert [i.epoch for i in ckptio.list_checkpoints(str(run))] == [1, 2]  # the old one not yet deleted
+    release.set()
+    saver.join()
+    ckpt.wait()
+    assert [i.uri for i in ckptio.list_checkpoints(str(run))] == [ckpt.latest_uri()]
+    assert ckpt.latest_uri() != first
+
+    def failing(self, name, missing_ok=True):
+        raise OSError(errno.EIO, "injected", name)
+
+    monkeypatch.setattr(Storage, "delete", failing)
+    ckpt.save(policy, 3, force=True, async_=async_)  # returns: its retention fails afterwards
+    with pytest.raises(ckptio.CheckpointSaveError, match="applying retention") as raised:
+        ckpt.wait()
+    assert raised.value.errno == errno.EIO
+    assert [i.epoch for i in ckptio.list_checkpoints(str(run))] == [2, 3]
+    assert ckptio.load_from_uri(str(run)).epoch == 3
+    monkeypatch.setattr(Storage, "delete", original)
+    ckpt.save(policy, 4, force=True)  # the next save's retention catches up
+    ckpt.close()
+    assert [i.epoch for i in ckptio.list_checkpoints(str(run))] == [4]

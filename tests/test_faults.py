@@ -380,6 +380,38 @@ def test_local_save_order_file_protocol_commit_point_and_retention(tmp_path, mon
     assert old[0][1] == "run.e00000001.safetensors" and len(old) == 3, old
 
 
+def test_the_weights_stream_while_the_trainer_state_commits_and_appear_only_after_it(tmp_path, monkeypatch):
+    """The trainer-state file's fsync and rename overlap the weights' write (one disk flush hidden behind the
+    next file), yet the weights, the commit point, are renamed only once the trainer state is committed."""
+    import threading
+
+    real_fsync, real_replace = os.fsync, os.replace
+    weights_synced, events = threading.Event(), []
+
+    def fsync(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if TMP_MARK in name and ".trainer." in name:
+            # held until the weights' own data is written and being flushed: only an overlapped save gets there
+            assert weights_synced.wait(60), "the weights were not written while the trainer state committed"
+        elif TMP_MARK in name and name.startswith(".run.e00000001.safetensors"):
+            weights_synced.set()
+        events.append(("fsync", name))
+        real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        events.append(("replace", os.path.basename(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ckptio.CheckpointManager(str(tmp_path / "run")).save_agent(
+        _weights(100), 1, _metrics(100), trainer_state=flatten(_trainer(100))
+    )
+    renamed = [n for op, n in events if op == "replace"]
+    assert renamed[-2].endswith(".trainer.safetensors") and renamed[-1] == "run.e00000001.safetensors", renamed
+    assert _tag_of_trainer(ckptio.CheckpointManager(str(tmp_path / "run")).load_trainer_state()) == 100
+
+
 def test_manifest_is_linked_once_after_its_fsync(tmp_path, monkeypatch):
     from archs import MLPArch
 
