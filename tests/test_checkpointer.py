@@ -334,7 +334,7 @@ def test_retention_runs_after_save_returns_and_its_failure_raises_at_the_next_ca
     saver = threading.Thread(target=lambda: (ckpt.save(policy, 2, force=True, async_=async_), returned.set()))
     saver.start()
     assert deleting.wait(60), "retention never started"
-    assert returned.wait(60), "save() waited for retention"
+    assert returned.wait(30), "save() waited for retention"
     assert [i.epoch for i in ckptio.list_checkpoints(str(run))] == [1, 2]  # the old one not yet deleted
     release.set()
     saver.join()

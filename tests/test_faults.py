@@ -392,14 +392,22 @@ def test_the_weights_stream_while_the_trainer_state_commits_and_appear_only_afte
         name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
         if TMP_MARK in name and ".trainer." in name:
             # held until the weights' own data is written and being flushed: only an overlapped save gets there
-            assert weights_synced.wait(60), "the weights were not written while the trainer state committed"
+            assert weights_synced.wait(20), "the weights were not written while the trainer state committed"
         elif TMP_MARK in name and name.startswith(".run.e00000001.safetensors"):
             weights_synced.set()
         events.append(("fsync", name))
         real_fsync(fd)
 
+    weights_renamed = threading.Event()
+
     def replace(src, dst, *args, **kwargs):
-        events.append(("replace", os.path.basename(dst)))
+        name = os.path.basename(dst)
+        if name.endswith(".trainer.safetensors"):
+            # a while for the weights to appear too soon, were they not waiting for this rename
+            weights_renamed.wait(0.5)
+        elif name == "run.e00000001.safetensors":
+            weights_renamed.set()
+        events.append(("replace", name))
         return real_replace(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "fsync", fsync)
