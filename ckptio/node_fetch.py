@@ -178,13 +178,23 @@ def _share(
         cache.put_ranges(storage, file, received, files[file].check, infos[file])
 
 
+def _stat_files(storage: Storage, name: str, cache: NodeCache) -> dict[str, FileInfo]:
+    infos: dict[str, FileInfo] = {}
+    cache_headers(storage, name, cache, infos)
+    return infos
+
+
 def fetch_for_nodes(storage: Storage, name: str, cache: NodeCache, want: Want) -> None:
     """Every rank: each node's cache gets the byte ranges its ranks read (they say which); the store sends each once."""
     rank = ranks.rank_info()
     source = storage.url(name)
-    infos: dict[str, FileInfo] = {}  # one stat per file: on a store, each is a request
     with typed_io(source, "fetching headers into the node cache"):
-        ranks.together(lambda: cache_headers(storage, name, cache, infos), here=rank.is_local_master)
+        # one stat per file in the whole job (on a store, each is a request): the master's, with the headers
+        # in its node's cache; every other node's first rank then reads only the headers
+        infos: dict[str, FileInfo] = ranks.master_result(lambda: _stat_files(storage, name, cache))
+        ranks.together(
+            lambda: cache_headers(storage, name, cache, infos), here=rank.is_local_master and not rank.is_master
+        )
 
     def local() -> tuple[str, dict, dict | None]:
         wanted = wanted_ranges(storage, name, cache, want, infos)

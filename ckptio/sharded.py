@@ -460,15 +460,21 @@ def _whole(t: torch.Tensor | StoredTensor) -> torch.Tensor:
     return t.read() if isinstance(t, StoredTensor) else t
 
 
-def _local_part(full: torch.Tensor | StoredTensor, like: DTensor) -> DTensor:
-    """``like``'s own block of ``full`` as a DTensor: a view of the mapped file, read when copied."""
+def _local_block(full: torch.Tensor | StoredTensor, like: DTensor) -> torch.Tensor:
+    """``like``'s own block of ``full``: a view of the mapped file, read when copied."""
     block = _Block(*_placement_block(tuple(full.shape), like.device_mesh, tuple(like.placements)))
     part = full.region(block.offset, block.shape) if isinstance(full, StoredTensor) else _region(full, block)
     if like.device_mesh.device_type != "cpu":
         part = part.to(like.device_mesh.device_type)
+    return part
+
+
+def _local_part(full: torch.Tensor | StoredTensor, like: DTensor) -> DTensor:
+    """``like``'s own block of ``full`` as a DTensor."""
     return DTensor.from_local(
-        part, like.device_mesh, like.placements, run_check=False, shape=full.shape, stride=full.stride()
-    )
+        _local_block(full, like), like.device_mesh, like.placements, run_check=False, shape=full.shape,
+        stride=full.stride(),
+    )  # fmt: skip
 
 
 def _diff(saved: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], source: str) -> None:
@@ -512,10 +518,9 @@ def load_optimizer_state(
                 and isinstance(p, DTensor)
                 and tuple(v.shape) == tuple(p.shape)
             ):
-                local = _local_part(v, p)
                 # its own memory: the optimizer updates it in place, and must not keep the file mapped
                 state[fqn][k] = DTensor.from_local(
-                    local.to_local().clone(), p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                    _local_block(v, p).clone(), p.device_mesh, p.placements, run_check=False, shape=p.shape,
                     stride=p.stride(),
                 )  # fmt: skip
             elif isinstance(v, (torch.Tensor, StoredTensor)):

@@ -418,14 +418,15 @@ class Storage:
 
     def _write_remote(self, path: str, writer: Callable[[IO[bytes]], None], exclusive: bool) -> None:
         name = posixpath.relpath(path, self.root)
+        # The conditional create decides races on stores that enforce it (S3 If-None-Match,
+        # GCS ifGenerationMatch=0); this check also covers stores that ignore it, and comes first:
+        # on every resume the manifest is there, and one request says so.
+        if exclusive and self.exists(name):
+            raise FileExistsError(errno.EEXIST, "write-once file exists", path)
         parent = posixpath.dirname(path)
         if parent and self.kind() is None:
             self._remote("mkdir", None, self.fs.makedirs, parent, exist_ok=True)
         if exclusive:
-            # The conditional create decides races on stores that enforce it (S3 If-None-Match,
-            # GCS ifGenerationMatch=0); the check before it also covers stores that ignore it.
-            if self.exists(name):
-                raise FileExistsError(errno.EEXIST, "write-once file exists", path)
             try:
                 self._stream(name, path, "xb", writer)
                 return
