@@ -3,7 +3,8 @@
 ``save(write, ...)`` runs the synchronous ``write`` now or on a worker thread; for a background
 save the caller's thread first snapshots tensors into CPU buffers (reused from save to save). At
 most one save is in flight, and a background failure is raised by the next call (``wait``, the
-next save, or close), as Lightning's ``AsyncCheckpointIO`` wraps any ``CheckpointIO``.
+next save, or close), as Lightning's ``AsyncCheckpointIO`` wraps any ``CheckpointIO``. Work that
+follows a save without the caller needing it (retention) runs on the same thread, either way.
 """
 
 from __future__ import annotations
