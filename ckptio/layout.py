@@ -423,24 +423,19 @@ def write_checkpoint(
 def _commit_aside(storage: Storage, name: str, writer: Callable[[IO[bytes]], None]) -> concurrent.futures.Future[str]:
     """``storage.write(name, writer)`` on a helper thread, returning once ``writer`` has handed over every byte: the
     caller writes its next file while this one's fsync and rename (or upload) go on. The future is its commit."""
-    handed_over, failed = threading.Event(), threading.Event()
+    handed_over = threading.Event()
 
     def write(f: IO[bytes]) -> None:
-        try:
-            writer(f)
-        except BaseException:
-            failed.set()
-            raise
-        finally:
-            handed_over.set()
+        writer(f)
+        handed_over.set()
 
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckptio-commit")
     done = pool.submit(storage.write, name, write)
     pool.shutdown(wait=False)
-    done.add_done_callback(lambda _: handed_over.set())  # also when it fails before its writer runs
+    done.add_done_callback(lambda _: handed_over.set())  # a failure, wherever it happened, once its temporary is gone
     handed_over.wait()
-    if failed.is_set() or (done.done() and done.exception() is not None):
-        done.result()  # its error, once its temporary is gone: the save stops here
+    if done.done():
+        done.result()  # raises if it failed: the save stops here
     return done
 
 
