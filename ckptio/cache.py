@@ -214,20 +214,22 @@ class NodeCache:
         storage: Storage,
         name: str,
         parts: Sequence[tuple[int, bytes | memoryview]],
-        check: Callable[[int, bytes | memoryview], None],
+        check: Callable[[int, bytes | memoryview], None] | None,
         info: FileInfo | None = None,
     ) -> Ranges:
         """Write ``parts`` (offset, bytes) of ``name`` obtained elsewhere into its partial entry; every range held after.
 
-        Each part is checked (``check(start, data)``, whole chunks) before it is written, and recorded only
-        once all are written and synced: a part that fails its check leaves the record as it was.
+        Each part is checked (``check(start, data)``, whole chunks; None: as a fetch without ``check``) before it
+        is written, and recorded only once all are written and synced: a part that fails its check leaves the
+        record as it was.
         """
         info = info or storage.info(name)
         path, held = self.partial(storage, name, info)
         if not path.endswith(PARTIAL) or not parts:
             return held
         for begin, data in parts:
-            check(begin, data)
+            if check is not None:
+                check(begin, data)
         with self._locked(path, info.size) as fd:
             path, held = self.partial(storage, name, info)
             if not path.endswith(PARTIAL):

@@ -40,6 +40,7 @@ from .layout import (
 from .manager import CheckpointManager
 from .mirror import RemoteMirror, newest
 from .node_fetch import fetch_for_nodes
+from .storage import FileInfo
 from .trainer_state import restore_rng_state
 from .upload import Uploader
 
@@ -72,7 +73,7 @@ class Checkpointer:
         self.mirror = RemoteMirror.of(self.manager, c)
         self.remote = self.mirror.remote if self.mirror is not None else None
         self.cache = NodeCache(c.cache_dir, c.cache_max_bytes)
-        self._partial = False  # the checkpoint being resumed is read from the node's ranges of it
+        self._fetched: dict[str, FileInfo] | None = None  # node_fetch's stats of the files it fetched ranges of
         self.saves = AsyncSaver()
         self.resumed_from: CheckpointInfo | None = None
         self.trainer_state: Any = None
@@ -116,6 +117,8 @@ class Checkpointer:
     def _latest(self) -> CheckpointInfo | None:
         """Every rank: the checkpoint to resume from, local or remote, as the master alone chose it."""
         self.saves.wait()  # a save still in the background is part of what "latest" means
+        if self.remote is not None and self.rank.is_local_master and not self.rank.is_master:
+            self.remote.storage.open_ahead()  # this rank fetches for its node once the master has chosen
         self.register()
 
         def choose() -> tuple[bool, str] | None:
@@ -139,7 +142,7 @@ class Checkpointer:
             with typed_io(info.uri, "downloading into the node cache"):
                 cache_checkpoint(info.storage, info.name, self.cache)
 
-        self._partial = False
+        self._fetched = None
         if info.storage.is_local:
             pass
         elif (
@@ -147,21 +150,20 @@ class Checkpointer:
             and self.rank.local_world_size < self.rank.world_size
             and info.name.endswith(".safetensors")
         ):
-            fetch_for_nodes(info.storage, info.name, self.cache, want)
-            self._partial = True
+            self._fetched = fetch_for_nodes(info.storage, info.name, self.cache, want)
         else:  # the node's first rank fills the cache; every rank then maps that copy
             ranks.together(download, here=self.rank.is_local_master)
         with typed_io(info.uri, "loading"):
             # metrics play no part in resuming: a damaged metrics file must not stop a run from continuing
             return load_checkpoint(
                 info.storage, info.name, policy_architecture=self._architecture, allow=self.allow, cache=self.cache,
-                with_metrics=False, partial=self._partial,
+                with_metrics=False, fetched=self._fetched,
             )  # fmt: skip
 
     def _read_trainer_state(self, info: CheckpointInfo, metadata: Mapping[str, str], restore_rng: bool) -> None:
         allow_missing = self.config.resume_without_trainer_state
         self.trainer_state, self._saved_optimizer, rng = self.manager.read_resume_state(
-            info, self.cache, metadata, allow_missing=allow_missing, partial=self._partial
+            info, self.cache, metadata, allow_missing=allow_missing, fetched=self._fetched
         )
         me, world = self.rank.rank, self.rank.world_size
         if restore_rng and len(rng) == world:

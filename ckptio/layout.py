@@ -551,20 +551,21 @@ def read_trainer_state(
     *,
     cache: NodeCache | None = None,
     verify: bool = True,
-    partial: bool = False,
+    fetched: Mapping[str, FileInfo] | None = None,
 ) -> FlatTrainerState | None:
     """The trainer-state tensors and metadata saved with ``weights``; None if it was saved without.
 
     Mapped like the weights (a sharded optimizer takes only its ranks' blocks) and, by default,
     checked against its digest: a resume must not continue from a damaged optimizer state. With
-    ``partial``, read from the ranges ``node_fetch`` put in the node cache (each chunk read is checked instead).
+    ``fetched`` (the files' stats ``node_fetch`` fetched them at), read from the ranges it put in the node cache
+    (each chunk read is checked instead).
     """
     sidecars = Sidecars.of(weights, metadata, storage.url(weights), storage)
     name = sidecars.trainer
     if name is None:
         return None
     try:
-        local, held = _local_copy(storage, name, cache, partial)
+        local, held = _local_copy(storage, name, cache, fetched)
         tensors, meta = read_weights(storage, name, verify=verify, local_path=local, held=held)
     except CheckpointNotFoundError:
         if sidecars.declared:
@@ -719,12 +720,13 @@ def fetch_local(storage: Storage, name: str, cache: NodeCache | None) -> str | N
 
 
 def _local_copy(
-    storage: Storage, name: str, cache: NodeCache | None, partial: bool
+    storage: Storage, name: str, cache: NodeCache | None, fetched: Mapping[str, FileInfo] | None
 ) -> tuple[str | None, list[tuple[int, int]] | None]:
-    """Where to read ``name`` from, and (with ``partial``) the ranges held there: the node cache's partial
+    """Where to read ``name`` from, and (with ``fetched``) the ranges held there: the node cache's partial
     entry as ``node_fetch`` filled it, or else (without one) its whole copy."""
-    if partial and not storage.is_local:
-        path, held = (cache or NodeCache()).partial(storage, name)
+    if fetched is not None and not storage.is_local:
+        # the stat node_fetch fetched with names the entry: no request of this rank's own
+        path, held = (cache or NodeCache()).partial(storage, name, fetched.get(name))
         if held:
             return path, held
     return fetch_local(storage, name, cache), None
@@ -753,6 +755,27 @@ def _cached_header(storage: Storage, name: str, cache: NodeCache, info: FileInfo
         if 8 + n > held[0][1] and n <= MAX_HEADER_BYTES:
             path, held = cache.fetch_ranges(storage, name, [(0, 8 + n)], info=info)
         return read_header(f, file_size(f), storage.url(name))
+
+
+def _header_extent(f: IO[bytes], size: int) -> int:
+    n = int.from_bytes(os.pread(f.fileno(), 8, 0), "little")
+    return max(min(size, HEADER_GUESS), min(size, 8 + n))
+
+
+def header_bytes(storage: Storage, name: str, cache: NodeCache, info: FileInfo) -> bytes:
+    """The leading bytes of ``name`` a node reads for its header, from the node cache (``cache_headers`` put them
+    there): another node given them (``put_header_bytes``) reads its header without a request to the store."""
+    path, held = cache.partial(storage, name, info)
+    with open(path, "rb") as f:
+        end = _header_extent(f, info.size)
+        if not covers(held, 0, end):
+            raise CorruptCheckpointError(f"{storage.url(name)}: its header is not in the node cache at {path}")
+        return os.pread(f.fileno(), end, 0)
+
+
+def put_header_bytes(storage: Storage, name: str, cache: NodeCache, info: FileInfo, data: bytes) -> None:
+    """Put another node's ``header_bytes`` of ``name`` in this node's cache, as if read from the store."""
+    cache.put_ranges(storage, name, [(0, data)], None, info)
 
 
 def trainer_name(storage: Storage, weights: str, metadata: Mapping[str, str]) -> str | None:
@@ -855,15 +878,16 @@ def load_checkpoint(
     allow: Iterable[str] = (),
     cache: NodeCache | None = None,
     with_metrics: bool = True,
-    partial: bool = False,
+    fetched: Mapping[str, FileInfo] | None = None,
 ) -> LoadedCheckpoint:
     """Read weights file ``name`` with its metrics and architecture (imported through the allow-list).
 
     With ``verify``, every file of the checkpoint is checked against its digest first. With
-    ``partial``, a remote file is read from the ranges ``node_fetch`` put in the node cache.
+    ``fetched`` (the files' stats ``node_fetch`` fetched them at), a remote file is read from the ranges it put
+    in the node cache.
     """
     source = storage.url(name)
-    local_path, held = _local_copy(storage, name, cache, partial)
+    local_path, held = _local_copy(storage, name, cache, fetched)
     obj, metadata = read_weights(
         storage, name, mmap=mmap, trusted=trusted, verify=verify, local_path=local_path, held=held
     )

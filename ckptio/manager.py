@@ -47,7 +47,7 @@ from .layout import (
     write_checkpoint,
     write_manifest,
 )
-from .storage import Storage
+from .storage import FileInfo, Storage
 from .trainer_state import FlatTrainerState, unflatten
 from .version import __version__
 
@@ -209,13 +209,14 @@ class CheckpointManager:
         cache: NodeCache | None = None,
         metadata: Mapping[str, str] | None = None,
         *,
-        partial: bool = False,
+        fetched: Mapping[str, FileInfo] | None = None,
     ) -> FlatTrainerState | None:
         """The trainer state saved with a checkpoint (digest checked); None if it was saved without. With
-        ``partial``: from the ranges of it this node fetched (``node_fetch``), each read chunk checked."""
+        ``fetched`` (the stats ``node_fetch`` fetched at): from the ranges of it this node fetched, each read chunk
+        checked."""
         if metadata is None:
             metadata = read_metadata(info.storage, info.name, local_path=fetch_local(info.storage, info.name, cache))
-        return read_trainer_state(info.storage, info.name, metadata, cache=cache, partial=partial)
+        return read_trainer_state(info.storage, info.name, metadata, cache=cache, fetched=fetched)
 
     def read_resume_state(
         self,
@@ -224,14 +225,14 @@ class CheckpointManager:
         metadata: Mapping[str, str],
         *,
         allow_missing: bool,
-        partial: bool = False,
+        fetched: Mapping[str, FileInfo] | None = None,
     ) -> tuple[Any, Any, list[Any]]:
         """What a resume restores besides the weights: (the user's trainer state, the FQN-keyed optimizer state,
         each rank's RNG state). A missing or damaged trainer-state file raises, unless ``allow_missing`` (a
         warning, and nothing restored); a .pt training checkpoint gives its optimizer and the rest as they are."""
         try:
             with typed_io(info.uri, "reading the trainer state"):
-                raw = self.read_trainer_state(info, cache, metadata, partial=partial)
+                raw = self.read_trainer_state(info, cache, metadata, fetched=fetched)
         except CheckpointNotFoundError:
             raise
         except CheckpointError as e:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from . import ranks
 from .cache import RANGE_GAP, RANGE_PIECE, RANGE_WORKERS, NodeCache, cut_pieces, exact, widen_ranges
 from .errors import typed_io
-from .layout import FileChunks, Want, cache_headers, file_chunks, wanted_ranges
+from .layout import FileChunks, Want, cache_headers, file_chunks, header_bytes, put_header_bytes, wanted_ranges
 from .storage import FileInfo, Storage, intersect_ranges, merge_ranges, subtract_ranges
 
 __all__ = ["Piece", "fetch_for_nodes", "plan_fetch"]
@@ -178,22 +178,26 @@ def _share(
         cache.put_ranges(storage, file, received, files[file].check, infos[file])
 
 
-def _stat_files(storage: Storage, name: str, cache: NodeCache) -> dict[str, FileInfo]:
+def _stat_files(storage: Storage, name: str, cache: NodeCache) -> tuple[dict[str, FileInfo], dict[str, bytes]]:
+    """Master: the checkpoint's tensor files' stats, and the leading bytes that hold their headers."""
     infos: dict[str, FileInfo] = {}
     cache_headers(storage, name, cache, infos)
-    return infos
+    return infos, {f: header_bytes(storage, f, cache, info) for f, info in infos.items()}
 
 
-def fetch_for_nodes(storage: Storage, name: str, cache: NodeCache, want: Want) -> None:
-    """Every rank: each node's cache gets the byte ranges its ranks read (they say which); the store sends each once."""
+def fetch_for_nodes(storage: Storage, name: str, cache: NodeCache, want: Want) -> dict[str, FileInfo]:
+    """Every rank: each node's cache gets the byte ranges its ranks read (they say which); the store sends each once.
+
+    Returns the stats of the files it fetched from: they name the cache entries that hold the ranges."""
     rank = ranks.rank_info()
     source = storage.url(name)
     with typed_io(source, "fetching headers into the node cache"):
-        # one stat per file in the whole job (on a store, each is a request): the master's, with the headers
-        # in its node's cache; every other node's first rank then reads only the headers
-        infos: dict[str, FileInfo] = ranks.master_result(lambda: _stat_files(storage, name, cache))
+        # one stat and one header read per file in the whole job (on a store, each is a request): the master's,
+        # sent to every other node's first rank, which puts the headers in its node's cache
+        infos, heads = ranks.master_result(lambda: _stat_files(storage, name, cache))
         ranks.together(
-            lambda: cache_headers(storage, name, cache, infos), here=rank.is_local_master and not rank.is_master
+            lambda: [put_header_bytes(storage, f, cache, infos[f], data) for f, data in heads.items()],
+            here=rank.is_local_master and not rank.is_master,
         )
 
     def local() -> tuple[str, dict, dict | None]:
@@ -246,3 +250,4 @@ def fetch_for_nodes(storage: Storage, name: str, cache: NodeCache, want: Want) -
     log.info("%s: node %d of %d fetched %d bytes in %d pieces", source, me, len(nodes),
              sum(p.end - p.begin for w in windows for p in w if p.owner == me and not p.cached),
              sum(1 for w in windows for p in w if p.owner == me and not p.cached))  # fmt: skip
+    return infos
