@@ -197,7 +197,8 @@ class Checkpointer:
     def load_into(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True
     ) -> bool:
-        """Every rank: fill an already built (sharded, or on ``meta``) model from the latest checkpoint.
+        """Every rank: fill an already built model (sharded or not; one built on ``meta`` allocated first, with
+        ``to_empty``) from the latest checkpoint.
 
         Each rank reads only its own blocks of the mapped file, at any world size; with
         ``optimizer``, its state too. Returns False, touching nothing, when there is no checkpoint.

@@ -47,7 +47,7 @@ from .errors import (
     save_failed,
 )
 from .formats import LazyTensor, StoredTensor
-from .layout import PendingSave, named_parameters
+from .layout import PendingSave, canonical_name, named_parameters, unwrap_module
 from .ranks import Handoff, all_gather_object, raise_together
 from .trainer_state import FlatTrainerState, capture_rng_state, flatten
 
@@ -493,10 +493,55 @@ def _diff(saved: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]
         raise StateDictMismatchError("\n".join(lines))
 
 
+# FSDP2's load hooks: they bring a parameter back to its sharded form before a load (a state-dict read already
+# did), and re-pad a local shard whose memory the load replaced (a copy into it replaces none)
+_COPY_SAFE_HOOKS = ("torch.distributed.fsdp._fully_shard.",)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _loads_by_copy(model: torch.nn.Module, current: Mapping[str, torch.Tensor]) -> bool:
+    """Whether copying into ``current`` is all that ``load_state_dict`` would do to ``model``: every tensor is the
+    model's own memory (not a copy), and no module loads in a way of its own (an override or a
+    hook)."""
+    root = unwrap_module(model)
+    for module in root.modules():
+        if type(module)._load_from_state_dict is not torch.nn.Module._load_from_state_dict:
+            return False
+        hooks = [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()]
+        hooks += list(module._load_state_dict_post_hooks.values())
+        if not all(getattr(h, "__module__", "").startswith(_COPY_SAFE_HOOKS) for h in hooks):
+            return False
+    own = {canonical_name(n): t for n, t in root.named_parameters(remove_duplicate=False)}
+    own |= {canonical_name(n): t for n, t in root.named_buffers(remove_duplicate=False)}
+    for key, t in current.items():
+        mine, theirs = _local(t), _local(own[key]) if key in own else None
+        if theirs is None or (mine.numel() and mine.data_ptr() != theirs.data_ptr()):
+            return False
+        if (mine.shape, mine.stride(), mine.dtype) != (theirs.shape, theirs.stride(), theirs.dtype):
+            return False
+    return True
+
+
 def load_model_state(model: torch.nn.Module, saved: Mapping[str, torch.Tensor], source: str) -> None:
-    """Fill ``model`` (sharded or not, possibly on ``meta``) from full saved tensors: each rank copies its block."""
+    """Fill ``model`` (sharded or not, allocated) from full saved tensors: each rank copies its block."""
     current = model_state(model)
     _diff(saved, current, source)
+    on_meta = sorted(k for k, v in current.items() if _local(v).is_meta)
+    if on_meta:  # torch's load would copy into nothing, warn, and leave the model empty
+        raise InvalidArgumentError(
+            f"{source}: the model's {', '.join(on_meta[:3])}{' ...' if len(on_meta) > 3 else ''} on the meta device "
+            "have no memory to load into: allocate the model first (model.to_empty(device=...)), then load"
+        )
+    if _loads_by_copy(model, current):
+        # each block straight into the rank's own memory: torch's state-dict load would make every block a
+        # DTensor and copy it through DTensor dispatch, a millisecond of CPU per tensor
+        with torch.no_grad():
+            for k, v in current.items():
+                _local(v).copy_(_local_block(saved[k], v) if isinstance(v, DTensor) else _whole(saved[k]))
+        return
     new = {k: _local_part(saved[k], v) if isinstance(v, DTensor) else _whole(saved[k]) for k, v in current.items()}
     set_model_state_dict(model, new, options=StateDictOptions(strict=True))
 

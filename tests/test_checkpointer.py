@@ -121,6 +121,44 @@ def test_load_into_checks_every_key_and_shape_and_names_the_differences(tmp_path
     assert all(torch.equal(before[k], v) for k, v in wide.state_dict().items())
 
 
+def test_load_into_copies_into_the_models_memory_and_keeps_a_modules_own_loading(tmp_path, env_meta):
+    from archs import MLPArch
+
+    ck = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(hidden=16))
+    model = ck.load_or_create_policy(env_meta)
+    ck.save(model, 1, {"r": 1.0})
+    ck.close()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def load(target: torch.nn.Module) -> None:
+        assert ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(hidden=16)).load_into(target)
+        assert target.state_dict().keys() == want.keys()
+        for k, v in target.state_dict().items():
+            assert not v.is_meta and torch.equal(v, want[k]), k
+
+    # a plain built model: loaded into the parameters it has (an optimizer built on them sees the values)
+    plain = MLPArch(hidden=16).make_policy(env_meta)
+    params = list(plain.parameters())
+    load(plain)
+    assert all(p is q for p, q in zip(params, plain.parameters(), strict=True))
+    # a module with a load hook of its own: loaded through load_state_dict, so the hook runs
+    hooked = MLPArch(hidden=16).make_policy(env_meta)
+    seen: list[int] = []
+    hooked.register_load_state_dict_post_hook(lambda module, keys: seen.append(len(keys.missing_keys)))
+    load(hooked)
+    assert seen == [0]
+    # a model on meta has no memory to load into: refused, by name, not left empty with a warning
+    with torch.device("meta"):
+        on_meta = MLPArch(hidden=16).make_policy(env_meta)
+    with pytest.raises(
+        ckptio.InvalidArgumentError,
+        match=r"e00000001\.safetensors: .*body\.bias, body\.weight, embed\.bias \.\.\. on the meta.*to_empty",
+    ):
+        ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(hidden=16)).load_into(on_meta)
+    on_meta.to_empty(device="cpu")
+    load(on_meta)
+
+
 def test_load_into_optimizer_errors_name_the_checkpoint_file(tmp_path, env_meta):
     from archs import MLPArch
 
