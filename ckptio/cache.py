@@ -227,8 +227,8 @@ class NodeCache:
         path, held = self.partial(storage, name, info)
         if not path.endswith(PARTIAL) or not parts:
             return held
-        for begin, data in parts:
-            if check is not None:
+        if check is not None:
+            for begin, data in parts:
                 check(begin, data)
         with self._locked(path, info.size) as fd:
             path, held = self.partial(storage, name, info)

@@ -9,6 +9,7 @@ to object storage the RemoteMirror's.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import logging
 import posixpath
 import weakref
@@ -119,13 +120,23 @@ class Checkpointer:
         self.saves.wait()  # a save still in the background is part of what "latest" means
         if self.remote is not None and self.rank.is_local_master and not self.rank.is_master:
             self.remote.storage.open_ahead()  # this rank fetches for its node once the master has chosen
-        self.register()
 
         def choose() -> tuple[bool, str] | None:
             info = newest(self.manager, self.remote)
             return None if info is None else (info.storage is self.manager.storage, info.name)
 
-        chosen = ranks.master_result(choose)  # a listing failure reaches every rank; no other rank lists
+        def register_and_choose() -> tuple[bool, str] | None:
+            # independent requests on a store: the listing runs while the manifest is checked, whose error comes first
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckptio-manifest") as pool:
+                manifest = pool.submit(self._check_manifest)
+                try:
+                    return choose()
+                finally:
+                    manifest.result()
+
+        # a listing failure reaches every rank; no other rank lists
+        chosen = ranks.master_result(choose if self._registered else register_and_choose)
+        self._registered = True
         if chosen is None:
             self.resumed_from, self.trainer_state, self.start_epoch = None, None, 0
             return None

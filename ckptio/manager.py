@@ -286,15 +286,27 @@ class CheckpointManager:
         """Write the run's write-once manifest if absent; ArchitectureError if it names another architecture."""
         arch_json = architecture_to_json(architecture)
         target = self.storage.url(MANIFEST_NAME)
-        try:
-            if write_manifest(self.storage, arch_json, __version__):
-                return
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise save_failed(target, "writing the manifest", e) from e
-        with typed_io(target, "reading the manifest"):
-            existing_raw = self.storage.read_bytes(MANIFEST_NAME)
+
+        def read() -> bytes | None:
+            with typed_io(target, "reading the manifest"):
+                try:
+                    return self.storage.read_bytes(MANIFEST_NAME)
+                except CheckpointNotFoundError:
+                    return None
+
+        # read first: on every resume the manifest is there, and on a store one read says so and what it holds
+        existing_raw = read()
+        if existing_raw is None:
+            try:
+                if write_manifest(self.storage, arch_json, __version__):
+                    return
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise save_failed(target, "writing the manifest", e) from e
+            existing_raw = read()  # another job wrote it meanwhile
+            if existing_raw is None:
+                raise ArchitectureError(f"{target}: the manifest exists, then vanished while it was read")
         try:
             existing = json.loads(existing_raw)
         except ValueError as e:
