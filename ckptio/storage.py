@@ -177,12 +177,12 @@ def fsync_dir(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, *, exclusive: bool = False) -> Iterator[str]:
+def atomic_file(path: str, *, exclusive: bool = False, durable: bool = True) -> Iterator[str]:
     """A temporary path beside ``path`` for the caller to create, fill and fsync; on success it is committed.
 
     Committing renames it into place (``exclusive``: links it, failing with FileExistsError if
-    ``path`` exists, so exactly one racer wins) and fsyncs the directory. On failure the
-    temporary is removed; ``path`` is untouched either way until the commit.
+    ``path`` exists, so exactly one racer wins) and, if ``durable``, fsyncs the directory. On failure
+    the temporary is removed; ``path`` is untouched either way until the commit.
     """
     directory, base = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
@@ -196,7 +196,8 @@ def atomic_file(path: str, *, exclusive: bool = False) -> Iterator[str]:
             os.unlink(tmp)
         else:
             os.replace(tmp, path)
-        fsync_dir(directory)
+        if durable:
+            fsync_dir(directory)
     except BaseException:
         try:
             os.unlink(tmp)

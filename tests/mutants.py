@@ -173,8 +173,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "storage.no-directory-fsync",
         "storage.py",
-        "        fsync_dir(directory)\n    except BaseException:",
-        "        pass\n    except BaseException:",
+        "        if durable:\n            fsync_dir(directory)\n    except BaseException:",
+        "        if durable:\n            pass\n    except BaseException:",
         "a committed rename is not made durable",
         (SAVE_ORDER,),
     ),
