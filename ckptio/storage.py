@@ -19,6 +19,7 @@ import math
 import os
 import posixpath
 import socket
+import stat
 import threading
 import urllib.parse
 import uuid
@@ -341,7 +342,11 @@ class Storage:
         """'file', 'directory', or None when nothing is there (an unreachable store raises StorageError)."""
         path = self.root if name is None else self.path(name)
         if self.is_local:
-            return "directory" if os.path.isdir(path) else "file" if os.path.exists(path) else None
+            try:  # one stat: isdir() then exists() saw a directory created between them as a file
+                mode = os.stat(path).st_mode
+            except (OSError, ValueError):
+                return None
+            return "directory" if stat.S_ISDIR(mode) else "file"
         try:
             info = self._remote("stat", name, self.fs.info, path)
         except CheckpointNotFoundError:
