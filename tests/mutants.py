@@ -50,6 +50,7 @@ MASTER_FAILS = TORCHRUN + "::test_a_failure_on_the_master_during_resume_reaches_
 RETENTION_BOTH = REMOTE + "::test_uploads_in_background_with_retention_both_sides"
 NODE_CACHE = REMOTE + "::test_node_cache_is_keyed_by_version_and_bounded"
 SAVE_ORDER = FAULTS + "::test_local_save_order_file_protocol_commit_point_and_retention"
+WRITEBACK = FAULTS + "::test_the_disk_starts_on_a_large_file_as_it_is_written"
 SUPERSEDE = TRUST + "::test_a_resave_while_the_previous_save_uploads_supersedes_it"
 
 MUTANTS: list[Mutant] = [
@@ -177,6 +178,22 @@ MUTANTS: list[Mutant] = [
         "        if durable:\n            pass\n    except BaseException:",
         "a committed rename is not made durable",
         (SAVE_ORDER,),
+    ),
+    Mutant(
+        "storage.no-early-writeback",
+        "storage.py",
+        "writer(cast(IO[bytes], _WritebackFile(f)))",
+        "writer(f)",
+        "a local save's pages reach the disk only at its fsync: the disk idles while the save is written",
+        (WRITEBACK,),
+    ),
+    Mutant(
+        "storage.writeback-from-the-start-each-time",
+        "storage.py",
+        "            self._started_to = end\n",
+        "",
+        "every writeback hint asks for the whole file so far: the kernel walks the written pages again and again",
+        (WRITEBACK,),
     ),
     Mutant(
         "storage.write-once-overwrites",
