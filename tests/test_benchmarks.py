@@ -33,6 +33,7 @@ def _expected() -> set[str]:
     expected.add("limit.copy")
     expected |= {f"sharded.save.{m}" for m in ("ckptio", "gather_save_file", "dcp")}
     expected |= {f"sharded.stall.{m}" for m in ("ckptio", "copy", "dcp_async_save")}
+    expected |= {f"sharded.first_{row[8:]}" for row in expected if row.startswith(("sharded.save.", "sharded.stall."))}
     return expected | {"sharded.load.ckptio", "sharded.load.dcp"}
 
 
