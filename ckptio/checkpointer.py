@@ -12,13 +12,15 @@ import atexit
 import concurrent.futures
 import logging
 import posixpath
+import sys
 import weakref
 from collections.abc import Iterable, Mapping
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from . import ranks, sharded
+from . import ranks
 from .async_save import AsyncSaver
 from .cache import NodeCache
 from .config import CheckpointConfig
@@ -48,6 +50,14 @@ from .upload import Uploader
 __all__ = ["CheckpointConfig", "Checkpointer"]
 
 log = logging.getLogger("ckptio")
+
+
+def _sharded() -> ModuleType:
+    """The sharded module, imported at first need: DTensor and torch's state-dict APIs take a second to import,
+    which a process that never saves an optimizer or a sharded model (a loader, a CLI call) need not pay."""
+    from . import sharded
+
+    return sharded
 
 
 class Checkpointer:
@@ -219,12 +229,12 @@ class Checkpointer:
             return False
 
         def load() -> None:
-            loaded = self._read(info, sharded.resume_reads(model))
+            loaded = self._read(info, _sharded().resume_reads(model))
             if isinstance(loaded.weights, torch.nn.Module):
                 raise CheckpointFormatError(
                     f"{info.uri}: holds a pickled module, not a state dict to load into a model"
                 )
-            sharded.load_model_state(model, loaded.weights, info.uri)
+            _sharded().load_model_state(model, loaded.weights, info.uri)
             self._read_trainer_state(info, loaded.metadata, restore_rng)
             if optimizer is not None:
                 self._load_optimizer(model, optimizer, info.uri)
@@ -247,7 +257,7 @@ class Checkpointer:
                     "restore it with optimizer.load_state_dict(ckpt.trainer_state['optimizer'])"
                 )
             raise CheckpointError(f"{source}: holds no optimizer state (it was saved without save(..., optimizer=))")
-        sharded.load_optimizer_state(model, optimizer, self._saved_optimizer, source)
+        _sharded().load_optimizer_state(model, optimizer, self._saved_optimizer, source)
 
     def _resumed(self, info: CheckpointInfo) -> None:
         self.resumed_from = info
@@ -289,9 +299,14 @@ class Checkpointer:
         check_epoch(epoch)
         if not force and not self.should_save(epoch):
             return None
-        trainer = sharded.trainer_state_of(policy, epoch, trainer_state, optimizer)
+        trainer = None
+        if trainer_state is not None or optimizer is not None:
+            trainer = _sharded().trainer_state_of(policy, epoch, trainer_state, optimizer)
         job = PendingSave(self.manager.checkpoint(epoch), state_dict_of(policy), training_metrics, trainer)
-        is_sharded = sharded.has_dtensors(job.weights, trainer[0] if trainer is not None else {})
+        # no DTensor exists before torch.distributed.tensor is imported
+        is_sharded = "torch.distributed.tensor" in sys.modules and _sharded().has_dtensors(
+            job.weights, trainer[0] if trainer is not None else {}
+        )
         if not is_sharded and not self.rank.is_master:
             return None
         if self._closed:
@@ -301,9 +316,9 @@ class Checkpointer:
         if is_sharded:  # every rank is here: the manifest check is collective; so is the plan, with the snapshot
             self.register()
             if self._shard_group is None:
-                self._shard_group = sharded.new_group(self.config.shard_timeout_s)
+                self._shard_group = _sharded().new_group(self.config.shard_timeout_s)
             self.saves.wait()
-            unit = sharded.ShardedSave(self._shard_group, job, snapshot, ahead=self.config.shard_tensors_ahead)
+            unit = _sharded().ShardedSave(self._shard_group, job, snapshot, ahead=self.config.shard_tensors_ahead)
             retain = self._retain if self.rank.is_master else None
             self.saves.save(unit.write, self._write, background=background, after=retain)
         else:  # the master alone is here: no collective
