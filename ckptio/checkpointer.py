@@ -300,7 +300,7 @@ class Checkpointer:
         if not force and not self.should_save(epoch):
             return None
         trainer = None
-        if trainer_state is not None or optimizer is not None:
+        if trainer_state is not None or optimizer is not None:  # a save of weights alone stores no trainer state
             trainer = _sharded().trainer_state_of(policy, epoch, trainer_state, optimizer)
         job = PendingSave(self.manager.checkpoint(epoch), state_dict_of(policy), training_metrics, trainer)
         # no DTensor exists before torch.distributed.tensor is imported

@@ -116,13 +116,9 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
         return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
 
 
-def trainer_state_of(
-    policy: Any, epoch: int, user: Any, optimizer: torch.optim.Optimizer | None
-) -> FlatTrainerState | None:
-    """Every rank: the trainer state a save stores (None without ``user`` state or ``optimizer``): the user's,
-    the epoch, every rank's RNG state (gathered) and the optimizer's, keyed by parameter FQN."""
-    if user is None and optimizer is None:
-        return None
+def trainer_state_of(policy: Any, epoch: int, user: Any, optimizer: torch.optim.Optimizer | None) -> FlatTrainerState:
+    """Every rank: the trainer state a save stores: the user's, the epoch, every rank's RNG state (gathered) and
+    the optimizer's, keyed by parameter FQN."""
     tree = {"user": user, "epoch": epoch, "rng": all_gather_object(capture_rng_state())}
     if optimizer is not None:
         if not isinstance(policy, torch.nn.Module):

@@ -219,7 +219,7 @@ def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     """Linux's sync_file_range(2), which the os module lacks; None where libc has none."""
     try:
         call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     call.restype = ctypes.c_int
