@@ -229,12 +229,13 @@ class Checkpointer:
             return False
 
         def load() -> None:
-            loaded = self._read(info, _sharded().resume_reads(model))
+            current = _sharded().model_state(model)
+            loaded = self._read(info, _sharded().resume_reads(current))
             if isinstance(loaded.weights, torch.nn.Module):
                 raise CheckpointFormatError(
                     f"{info.uri}: holds a pickled module, not a state dict to load into a model"
                 )
-            _sharded().load_model_state(model, loaded.weights, info.uri)
+            _sharded().load_model_state(model, current, loaded.weights, info.uri)
             self._read_trainer_state(info, loaded.metadata, restore_rng)
             if optimizer is not None:
                 self._load_optimizer(model, optimizer, info.uri)

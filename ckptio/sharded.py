@@ -423,10 +423,10 @@ class ShardedSave:
                 log.error("could not tell the other ranks the save failed: %r", e)
 
 
-def resume_reads(model: torch.nn.Module) -> Callable[[str, str, tuple[int, ...]], Any]:
-    """What this rank reads of a checkpoint to resume ``model`` (see ``layout.Want``): its block of each sharded
-    parameter and of the optimizer state shaped like it, every other tensor whole; nothing of tensors it lacks."""
-    current = model_state(model)
+def resume_reads(current: Mapping[str, torch.Tensor]) -> Callable[[str, str, tuple[int, ...]], Any]:
+    """What this rank reads of a checkpoint to resume a model whose ``model_state`` is ``current`` (see
+    ``layout.Want``): its block of each sharded parameter and of the optimizer state shaped like it, every other
+    tensor whole; nothing of tensors it lacks."""
     blocks = {
         fqn: (tuple(v.shape), _placement_block(tuple(v.shape), v.device_mesh, tuple(v.placements)))
         for fqn, v in current.items()
@@ -521,9 +521,11 @@ def _loads_by_copy(model: torch.nn.Module, current: Mapping[str, torch.Tensor]) 
     return True
 
 
-def load_model_state(model: torch.nn.Module, saved: Mapping[str, torch.Tensor], source: str) -> None:
-    """Fill ``model`` (sharded or not, allocated) from full saved tensors: each rank copies its block."""
-    current = model_state(model)
+def load_model_state(
+    model: torch.nn.Module, current: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """Fill ``model`` (sharded or not, allocated; ``current`` is its ``model_state``) from full saved tensors: each
+    rank copies its block."""
     _diff(saved, current, source)
     on_meta = sorted(k for k, v in current.items() if _local(v).is_meta)
     if on_meta:  # torch's load would copy into nothing, warn, and leave the model empty
