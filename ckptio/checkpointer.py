@@ -319,7 +319,13 @@ class Checkpointer:
             if self._shard_group is None:
                 self._shard_group = _sharded().new_group(self.config.shard_timeout_s)
             self.saves.wait()
-            unit = _sharded().ShardedSave(self._shard_group, job, snapshot, ahead=self.config.shard_tensors_ahead)
+            unit = _sharded().ShardedSave(
+                self._shard_group,
+                job,
+                snapshot,
+                ahead=self.config.shard_tensors_ahead,
+                batch_bytes=self.config.shard_batch_bytes,
+            )
             retain = self._retain if self.rank.is_master else None
             self.saves.save(unit.write, self._write, background=background, after=retain)
         else:  # the master alone is here: no collective

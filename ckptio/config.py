@@ -32,7 +32,8 @@ class CheckpointConfig:
     - ``resume_without_trainer_state``: resume with a fresh optimizer and RNG (a warning) when the
       trainer-state file is missing or damaged, instead of raising.
     - ``shard_timeout_s``: how long a sharded (DTensor) save waits for another rank before failing;
-      ``shard_tensors_ahead``: how many tensors its master gathers while it writes one.
+      ``shard_tensors_ahead``: how many tensors its master gathers while it writes one; ``shard_batch_bytes``:
+      how many bytes of small tensors travel to it in one message.
     """
 
     checkpoint_format: str = "safetensors"
@@ -70,6 +71,9 @@ class CheckpointConfig:
     # Sharded saves: how many tensors the master gathers ahead of the one it writes (overlapping the
     # transfers with the disk); its extra RAM is at most this many + 1 full tensors.
     shard_tensors_ahead: int = 2
+    # Sharded saves: tensors smaller than this travel to the master together, this many bytes of them per
+    # message (a model's many biases and norms: one round trip each otherwise); 0 sends each alone.
+    shard_batch_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if self.epoch_interval < 1:

@@ -18,6 +18,7 @@ import datetime
 import functools
 import hashlib
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from .errors import (
     StateDictMismatchError,
     save_failed,
 )
-from .formats import LazyTensor, StoredTensor
+from .formats import LazyTensor, StoredTensor, data_order
 from .layout import PendingSave, canonical_name, named_parameters, unwrap_module
 from .ranks import Handoff, all_gather_object, raise_together
 from .trainer_state import FlatTrainerState, capture_rng_state, flatten
@@ -67,6 +68,7 @@ __all__ = [
 log = logging.getLogger("ckptio")
 
 _DONE, _ABORT = -1, -2
+_MAX_BATCH = 1024  # tensors announced together at most (the announcement is one int64 each)
 # the tensors sent and received (see ranks.Handoff); blocks can be large, so only the last few
 _blocks = Handoff(keep=4)
 _handed = Handoff(keep=64)
@@ -276,31 +278,106 @@ class ShardGather:
                     seen[(shape, offset)] = rank
             self.providers.append([(r, _Block(tuple(s), tuple(o))) for (s, o), r in seen.items()])
         self._index = {e: i for i, e in enumerate(self.entries)}
+        self._batch_of: dict[int, tuple[int, ...]] = {}  # the master's: which tensors travel together
+        self._ready: dict[int, torch.Tensor] = {}  # the master's: tensors of a batch not yet reached by the writer
 
     def lazy(
-        self, label: str, tensors: Mapping[str, torch.Tensor], ahead: int = 0
+        self, label: str, tensors: Mapping[str, torch.Tensor], ahead: int = 0, batch_bytes: int = 0
     ) -> dict[str, torch.Tensor | LazyTensor]:
         """The master's view of one file: DTensors become tensors gathered as the writer reaches them (up to
-        ``ahead`` tensors before, overlapping the writes)."""
+        ``ahead`` tensors before, overlapping the writes). Tensors smaller than ``batch_bytes`` travel together,
+        in the writer's order, up to ``batch_bytes`` per message: one round trip for many small ones."""
         out: dict[str, torch.Tensor | LazyTensor] = {}
         for key, t in tensors.items():
             if isinstance(t, DTensor):
                 dtype, shape = self.specs[(label, key)]
-                gather = functools.partial(self._gather, self._index[(label, key)])
+                gather = functools.partial(self._materialize, self._index[(label, key)])
                 out[key] = LazyTensor(dtype, shape, gather, ahead=ahead)
             else:
                 out[key] = t
+        batch: list[int] = []
+        size = 0
+        # the writer's order is by decreasing element size: each block in a batch's message starts aligned
+        for key in data_order(out):
+            t = out[key]
+            if not isinstance(t, LazyTensor):
+                continue
+            i, n = self._index[(label, key)], t.numel() * t.element_size()
+            if n >= batch_bytes:
+                self._batch_of[i] = (i,)
+                continue
+            if size + n > batch_bytes or len(batch) == _MAX_BATCH:
+                self._batch_of.update(dict.fromkeys(batch, tuple(batch)))
+                batch, size = [], 0
+            batch.append(i)
+            size += n
+        self._batch_of.update(dict.fromkeys(batch, tuple(batch)))
         return out
 
-    def _announce(self, value: int) -> int:
-        flag = _handed(torch.tensor([value], dtype=torch.int64))
-        dist.broadcast(flag, src=0, group=self.group)
-        return int(flag.item())
+    def _materialize(self, i: int) -> torch.Tensor | list[torch.Tensor]:
+        """Master: tensor ``i``, gathered with the rest of its batch when the writer first reaches one of them."""
+        ready = self._ready.pop(i, None)
+        if ready is not None:
+            return ready
+        batch = self._batch_of.get(i, (i,))
+        self._tell(batch)
+        if len(batch) == 1:
+            return self._gather(i)
+        self._ready.update(self._gather_batch(batch))
+        return self._ready.pop(i)
+
+    def _tell(self, batch: tuple[int, ...] | int) -> None:
+        """Master: announce the next batch of tensors (or ``_DONE``/``_ABORT``) to every rank."""
+        entries = (batch,) if isinstance(batch, int) else batch
+        head = _handed(torch.tensor([len(entries) if entries[0] >= 0 else entries[0], entries[0]], dtype=torch.int64))
+        dist.broadcast(head, src=0, group=self.group)
+        if len(entries) > 1:
+            dist.broadcast(_handed(torch.tensor(entries, dtype=torch.int64)), src=0, group=self.group)
+
+    def _hear(self) -> tuple[int, list[int]]:
+        """Every rank but the master: the master's announcement, as (count, or ``_DONE``/``_ABORT``; the tensors)."""
+        head = _handed(torch.zeros(2, dtype=torch.int64))
+        dist.broadcast(head, src=0, group=self.group)
+        count, first = (int(v) for v in head.tolist())
+        if count <= 1:
+            return count, [first]
+        entries = _handed(torch.zeros(count, dtype=torch.int64))
+        dist.broadcast(entries, src=0, group=self.group)
+        return count, entries.tolist()
+
+    def _gather_batch(self, batch: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """Master: several small tensors in full, from one message per rank holding blocks of them (its blocks
+        back to back, in the batch's order)."""
+        sizes: dict[int, int] = {}
+        for i in batch:
+            itemsize = self.specs[self.entries[i]][0].itemsize
+            for rank, block in self.providers[i]:
+                if rank != self.me:
+                    sizes[rank] = sizes.get(rank, 0) + math.prod(block.shape) * itemsize
+        received = {}
+        for rank, n in sorted(sizes.items()):
+            received[rank] = torch.empty(n, dtype=torch.uint8)
+            dist.recv(_blocks(received[rank]), src=rank, group=self.group)
+        at = dict.fromkeys(received, 0)
+        out = {}
+        for i in batch:
+            dtype, shape = self.specs[self.entries[i]]
+            full = torch.empty(shape, dtype=dtype)
+            for rank, block in self.providers[i]:
+                if rank == self.me:
+                    part = self.blocks[self.entries[i]].local
+                else:
+                    n = math.prod(block.shape) * dtype.itemsize
+                    part = received[rank][at[rank] : at[rank] + n].view(dtype).reshape(block.shape)
+                    at[rank] += n
+                _region(full, block).copy_(part)
+            out[i] = full
+        return out
 
     def _gather(self, i: int) -> torch.Tensor | list[torch.Tensor]:
-        """Master: tensor ``i`` in full, each block from the rank that provides it; blocks along the first dimension
-        that follow each other are returned as those pieces (the master's own written from where it lies)."""
-        self._announce(i)
+        """Master, once ``i`` is announced: tensor ``i`` in full, each block from the rank that provides it; blocks
+        along the first dimension that follow each other are returned as those pieces (the master's own written
+        from where it lies)."""
         dtype, shape = self.specs[self.entries[i]]
         rows = sorted(self.providers[i], key=lambda p: p[1].offset)
         ends = [0] + [b.offset[0] + b.shape[0] for _, b in rows]
@@ -331,20 +408,25 @@ class ShardGather:
 
     def finish(self, ok: bool) -> None:
         """Master: tell every rank the save is over (``ok``) or failed."""
-        self._announce(_DONE if ok else _ABORT)
+        self._tell(_DONE if ok else _ABORT)
 
     def serve(self) -> None:
-        """Every rank but the master: send this rank's blocks of each tensor the master announces."""
+        """Every rank but the master: send this rank's blocks of the tensors the master announces, in one message."""
         while True:
-            i = self._announce(0)
+            i, batch = self._hear()
             if i == _DONE:
                 return
             if i == _ABORT:
                 raise CheckpointSaveError(
                     f"{self.source}: the master's save failed (its error is raised on the master)"
                 )
-            if any(rank == self.me for rank, _ in self.providers[i]):
-                dist.send(_blocks(_as_bytes(self.blocks[self.entries[i]].local.cpu())), dst=0, group=self.group)
+            mine = [
+                _as_bytes(self.blocks[self.entries[j]].local.cpu())
+                for j in batch
+                if any(rank == self.me for rank, _ in self.providers[j])
+            ]
+            if mine:
+                dist.send(_blocks(mine[0] if len(mine) == 1 else torch.cat(mine)), dst=0, group=self.group)
 
 
 class ShardedSave:
@@ -364,8 +446,10 @@ class ShardedSave:
         snapshot: Callable[..., Mapping[str, torch.Tensor]] | None,
         *,
         ahead: int = 2,
+        batch_bytes: int = 0,
     ):
         self.ahead = ahead  # tensors the master gathers ahead of its writer: its RAM is at most ahead + 1 of them
+        self.batch_bytes = batch_bytes  # small tensors travel together, this many bytes of them at most
         target = job.checkpoint.uri
         if job.checkpoint.format != "safetensors":
             raise CheckpointFormatError(f"{target}: a sharded (DTensor) model is saved as safetensors only")
@@ -410,7 +494,7 @@ class ShardedSave:
         ok = False
         try:
             job = self.job
-            lazy = functools.partial(self._gather.lazy, ahead=self.ahead)
+            lazy = functools.partial(self._gather.lazy, ahead=self.ahead, batch_bytes=self.batch_bytes)
             trainer = (lazy("t", job.trainer[0]), job.trainer[1]) if job.trainer is not None else None
             write(PendingSave(job.checkpoint, lazy("w", job.weights), job.metrics, trainer))
             ok = True

@@ -853,6 +853,22 @@ MUTANTS: list[Mutant] = [
         "a tensor's dim-0 blocks are written in another order than its rows",
         (SHARDED + "::test_fsdp2_saves_one_standard_file_and_resumes_at_other_world_sizes",),
     ),
+    Mutant(
+        "sharded.small-tensors-sent-alone",
+        "sharded.py",
+        "            if n >= batch_bytes:",
+        "            if True:",
+        "every small tensor costs a round trip of its own (the save is as slow as before batching)",
+        (SHARDED + "::test_fsdp2_saves_one_standard_file_and_resumes_at_other_world_sizes",),
+    ),
+    Mutant(
+        "sharded.batch-read-from-its-start",
+        "sharded.py",
+        "                    at[rank] += n\n",
+        "\n",
+        "each tensor of a batch is cut from the start of its sender's message: the wrong bytes, silently",
+        (SHARDED + "::test_fsdp2_saves_one_standard_file_and_resumes_at_other_world_sizes",),
+    ),
     # -- a resume on several nodes: the store sends each byte once ----------------------------------
     Mutant(
         "node_fetch.store-refetches-held",

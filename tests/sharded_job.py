@@ -14,6 +14,7 @@ and ``OUT/resumed_optim.safetensors`` right after loading, before any step.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -78,6 +79,7 @@ def main() -> int:
         "--in-gather", choices=["die", "hang"], help="rank 1 dies (as if SIGKILLed) or hangs in its first send"
     )
     p.add_argument("--shard-timeout", type=float, default=60.0)
+    p.add_argument("--batch-bytes", type=int, help="CheckpointConfig.shard_batch_bytes (default: its default)")
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -85,9 +87,10 @@ def main() -> int:
     if rank != 0:
         _forbid(args.run_dir)  # only the master touches the run directory: any other rank's write fails the job
     arch = MLPArch(hidden=16)
-    ckpt = ckptio.Checkpointer(
-        args.run_dir, arch, ckptio.CheckpointConfig(async_save=args.async_, shard_timeout_s=args.shard_timeout)
-    )
+    config = ckptio.CheckpointConfig(async_save=args.async_, shard_timeout_s=args.shard_timeout)
+    if args.batch_bytes is not None:
+        config.shard_batch_bytes = args.batch_bytes
+    ckpt = ckptio.Checkpointer(args.run_dir, arch, config)
     resuming = bool(ckptio.list_checkpoints(args.run_dir)) if os.path.isdir(args.run_dir) else False
     if resuming and args.load == "policy":
         model = shard(ckpt.load_or_create_policy(ENV), args.mode, world)
@@ -120,6 +123,14 @@ def main() -> int:
             threading.Event().wait()  # a rank stuck for good (a hung device, a stalled host)
 
         dist.send = failing_send
+    sends: list[int] = []  # rank 1: the messages each save of the epochs sent to the master (sync saves)
+    send = dist.send
+
+    def counted_send(*a, **k):
+        sends[-1] += 1
+        return send(*a, **k)
+
+    dist.send = counted_send
     for epoch in range(ckpt.start_epoch, ckpt.start_epoch + args.epochs):
         gen = torch.Generator().manual_seed(1000 * epoch + rank)  # the same data whether resumed or not
         for _ in range(3):
@@ -130,8 +141,13 @@ def main() -> int:
                 for q in model.parameters():
                     dist.all_reduce(q.grad)
             opt.step()
+        sends.append(0)
         ckpt.save(model, epoch, {"epoch": epoch}, optimizer=opt)
         dump(model, opt, args.out, f"ref.e{epoch}")
+    dist.send = send
+    if rank == 1:
+        with open(os.path.join(args.out, "sends_rank1.json"), "w") as f:
+            json.dump(sends, f)
     # the same Checkpointer resumes after saving (every rank enters the same collectives, whatever it did alone)
     with torch.device("meta"):
         again = shard(arch.make_policy(ENV), args.mode, world)

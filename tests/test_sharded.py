@@ -70,14 +70,25 @@ def check_resumed(out: str, ref: str) -> None:
     )
 
 
+def sends(out: str) -> list[int]:
+    with open(os.path.join(out, "sends_rank1.json")) as f:
+        return json.load(f)
+
+
 def test_fsdp2_saves_one_standard_file_and_resumes_at_other_world_sizes(tmp_path):
     run, out = str(tmp_path / "run"), str(tmp_path / "out")
-    job(2, run, out, "--mode", "fsdp", "--epochs", "2")  # non-master ranks are forbidden to write: the job passes
+    # each tensor in a message of its own, then (the default) the small ones together: the same file either way
+    job(2, run, out, "--mode", "fsdp", "--epochs", "2", "--batch-bytes", "0")  # non-master ranks may not write
     check_checkpoint(run, out, 1)
     # build on meta, shard, load into: 2 -> 4, then 4 -> 1 (each resume trains and saves one more epoch)
     job(4, run, str(tmp_path / "w4"), "--mode", "fsdp", "--epochs", "1")
     check_resumed(str(tmp_path / "w4"), os.path.join(out, "ref.e1"))
     check_checkpoint(run, str(tmp_path / "w4"), 2)
+    # rank 1's block of every parameter and of each of its two Adam moments, one message each; batched, one
+    # message per file (weights, trainer state)
+    params = {k.rsplit(".", 1)[0] for k in load_file(os.path.join(out, "ref.e1_optim.safetensors"))}
+    assert sends(out) == [3 * len(params)] * 2
+    assert sends(str(tmp_path / "w4")) == [2]
     job(1, run, str(tmp_path / "w1"), "--mode", "fsdp", "--epochs", "1")
     check_resumed(str(tmp_path / "w1"), os.path.join(tmp_path, "w4", "ref.e2"))
     check_checkpoint(run, str(tmp_path / "w1"), 3)
@@ -85,7 +96,7 @@ def test_fsdp2_saves_one_standard_file_and_resumes_at_other_world_sizes(tmp_path
 
 def test_tensor_parallel_saves_full_tensors_and_loads_as_a_full_policy_then_shards(tmp_path):
     run, out = str(tmp_path / "run"), str(tmp_path / "out")
-    job(2, run, out, "--mode", "tp", "--epochs", "1")
+    job(2, run, out, "--mode", "tp", "--epochs", "1", "--batch-bytes", "0")  # each block straight into place
     check_checkpoint(run, out, 0)
     # load the full module (memory-mapped), then shard it: 2 -> 1 and 1 -> 2
     job(1, run, str(tmp_path / "w1"), "--mode", "tp", "--epochs", "1", "--load", "policy")
