@@ -8,7 +8,7 @@ Where each concern lives (data flows down this list, never up):
 - ``async_save``    AsyncSaver: snapshot on the caller's thread, the synchronous save on a worker
 - ``mirror``        RemoteMirror: local checkpoints copied to object storage, retention on both copies
 - ``upload``        Uploader: background upload threads, retries, coalescing
-- ``sharded``       DTensor state dicts: gathered to the master tensor by tensor, sliced per rank on load
+- ``sharded``       DTensor state dicts: gathered to the master a tensor or a batch at a time, sliced per rank on load
 - ``manager``       CheckpointManager: one run's saves, manifest and retention
 - ``tools``         convert, export, inspect, verify (what the ``ckptio`` command runs; ``cli`` parses its arguments)
 - ``discovery``     URIs resolved, checkpoints listed, latest and best chosen, ``load_from_uri``

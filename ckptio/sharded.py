@@ -1,11 +1,10 @@
 """Sharded state dicts (DTensor parameters, as FSDP2 and tensor parallelism make them).
 
 Saving: every rank takes part, the master writes (``ShardedSave``). ``ShardGather`` sends each rank's blocks of one
-tensor at a time to the master over a gloo group of its own, as the master's writer reaches that
-tensor; the file is one standard safetensors file of the full tensors, and the master holds one
-full tensor at a time. The master announces each tensor (or that it failed, or finished) with a
-broadcast, so no rank waits on the master's disk inside an accelerator collective, and a failed
-write stops every rank.
+tensor (or of a batch of small ones) at a time to the master over a gloo group of its own, as the master's writer
+reaches it; the file is one standard safetensors file of the full tensors, and the master holds a few full tensors
+at a time. The master announces each tensor or batch (or that it failed, or finished) with a broadcast, so no rank
+waits on the master's disk inside an accelerator collective, and a failed write stops every rank.
 
 Loading: each rank slices its own block of every tensor out of the memory-mapped file, so it
 reads only those bytes, at any world size and placement.
