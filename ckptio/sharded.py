@@ -319,18 +319,18 @@ class ShardGather:
         if ready is not None:
             return ready
         batch = self._batch_of.get(i, (i,))
-        self._tell(batch)
+        self._tell(len(batch), batch)
         if len(batch) == 1:
             return self._gather(i)
         self._ready.update(self._gather_batch(batch))
         return self._ready.pop(i)
 
-    def _tell(self, batch: tuple[int, ...] | int) -> None:
-        """Master: announce the next batch of tensors (or ``_DONE``/``_ABORT``) to every rank."""
-        entries = (batch,) if isinstance(batch, int) else batch
-        head = _handed(torch.tensor([len(entries) if entries[0] >= 0 else entries[0], entries[0]], dtype=torch.int64))
+    def _tell(self, count: int, entries: tuple[int, ...] = (0,)) -> None:
+        """Master: announce the next ``count`` tensors, ``entries``, to every rank (or, as ``count``, ``_DONE``/
+        ``_ABORT``); the first travels in the head, the others after it."""
+        head = _handed(torch.tensor([count, entries[0]], dtype=torch.int64))
         dist.broadcast(head, src=0, group=self.group)
-        if len(entries) > 1:
+        if count > 1:
             dist.broadcast(_handed(torch.tensor(entries, dtype=torch.int64)), src=0, group=self.group)
 
     def _hear(self) -> tuple[int, list[int]]:
