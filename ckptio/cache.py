@@ -7,7 +7,11 @@ and are renamed into place; least-recently-used entries are evicted beyond a siz
 A node that needs only some byte ranges of a file (its ranks' blocks of a sharded checkpoint)
 keeps a *partial* entry: a sparse file of the object's size holding those ranges, and a record of
 which ranges it holds. A range enters the record only once its bytes are written, checked and on
-disk; a partial entry is only ever read through that record.
+disk; a partial entry is only ever read through that record. A partial entry that comes to hold
+every byte becomes a whole entry, which later loads on the node map like any download.
+
+Entries are keyed by a file's URL on the storage it came from, which may be another node's local
+disk: the master's run directory, whose pieces reached this node over the job's process group.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 
-from .errors import StorageError
+from .errors import CheckpointNotFoundError, StorageError
 from .storage import FileInfo, Storage, atomic_file, merge_ranges, subtract_ranges
 
 __all__ = ["NodeCache", "cut_pieces", "default_cache_dir", "exact", "widen_ranges"]
@@ -139,6 +143,20 @@ class NodeCache:
             return path, []
         return path, [(int(b), int(e)) for b, e in record["held"]]
 
+    def holding(self, storage: Storage, name: str, info: FileInfo) -> tuple[str, Ranges]:
+        """Where this node holds version ``info`` of ``name``, and which byte ranges of it.
+
+        The file itself, whole, where ``storage`` is this node's disk and holds that very version (the
+        master's run directory on the master's node, or a directory all nodes share); else the cache's entry.
+        """
+        if storage.is_local:
+            try:
+                if storage.info(name) == info:
+                    return storage.path(name), [(0, info.size)]
+            except CheckpointNotFoundError:
+                pass  # another node's local file: this node holds what its cache holds
+        return self.partial(storage, name, info)
+
     def fetch_ranges(
         self,
         storage: Storage,
@@ -156,9 +174,9 @@ class NodeCache:
         pieces that completed; nothing is recorded that was not wholly fetched, checked and synced.
         """
         info = info or storage.info(name)  # one stat: the entry's key and the object's size
-        path, held = self.partial(storage, name, info)
+        path, held = self.holding(storage, name, info)
         if not path.endswith(PARTIAL):
-            return path, held  # a full entry
+            return path, held  # a whole entry, or the file itself on this node's disk
         size = info.size
         wanted = widen_ranges(merge_ranges([(max(0, b), min(size, e)) for b, e in ranges], RANGE_GAP), cuts, size)
         with self._locked(path, size) as fd:
@@ -170,7 +188,7 @@ class NodeCache:
             try:
                 self._fetch_pieces(storage, name, fd, todo, check, done)
             finally:
-                held = self._record(storage.url(name), path, fd, size, held, done)
+                path, held = self._record(storage.url(name), path, fd, size, held, done)
         log.info("cached %d bytes of %s at %s (%d ranges held)", sum(e - b for b, e in done), storage.url(name),
                  path, len(held))  # fmt: skip
         os.utime(path)
@@ -224,7 +242,7 @@ class NodeCache:
         record as it was.
         """
         info = info or storage.info(name)
-        path, held = self.partial(storage, name, info)
+        path, held = self.holding(storage, name, info)
         if not path.endswith(PARTIAL) or not parts:
             return held
         if check is not None:
@@ -236,15 +254,16 @@ class NodeCache:
                 return held
             for begin, data in parts:
                 _pwrite_all(fd, data, begin)
-            held = self._record(storage.url(name), path, fd, info.size, held, [(b, b + len(d)) for b, d in parts])
+            path, held = self._record(storage.url(name), path, fd, info.size, held, [(b, b + len(d)) for b, d in parts])
         os.utime(path)
         self.evict(keep=path)
         return held
 
-    def _record(self, url: str, path: str, fd: int, size: int, held: Ranges, done: Ranges) -> Ranges:
-        """Sync the entry's data, then record ``done`` as held with ``held``: the record never names bytes not on disk."""
+    def _record(self, url: str, path: str, fd: int, size: int, held: Ranges, done: Ranges) -> tuple[str, Ranges]:
+        """Sync the entry's data, then record ``done`` as held with ``held``: the record never names bytes not on disk.
+        Returns the entry's path (the whole entry's, once it holds every byte) and every range it holds."""
         if not done:
-            return held
+            return path, held
         os.fsync(fd)
         held = merge_ranges(held + done)
         # the record itself is replaced atomically but not synced: after a machine crash it is the previous
@@ -253,7 +272,21 @@ class NodeCache:
         with atomic_file(path + HELD, durable=False) as tmp, open(tmp, "w") as f:
             json.dump({"url": url, "size": size, "held": held}, f)
         self.fills += 1
-        return held
+        if held == [(0, size)]:
+            return self._complete(path), held
+        return path, held
+
+    def _complete(self, path: str) -> str:
+        """A partial entry holding every byte becomes the whole entry (linked: a reader of either name keeps its
+        bytes), so later loads on this node map it as they would a download. The record goes before the data."""
+        whole = path.removesuffix(PARTIAL)
+        with contextlib.suppress(FileExistsError):
+            os.link(path, whole)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + HELD)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return whole
 
     @contextlib.contextmanager
     def _locked(self, path: str, size: int) -> Iterator[int]:

@@ -28,6 +28,7 @@ from .discovery import CheckpointInfo, artifact_of
 from .errors import (
     CheckpointError,
     CheckpointFormatError,
+    CheckpointNotFoundError,
     save_failed,
     typed_io,
 )
@@ -128,6 +129,8 @@ class Checkpointer:
     def _latest(self) -> CheckpointInfo | None:
         """Every rank: the checkpoint to resume from, local or remote, as the master alone chose it."""
         self.saves.wait()  # a save still in the background is part of what "latest" means
+        if self.rank.world_size > 1 and not ranks.has_process_group():
+            self._refuse_without_process_group()
         if self.remote is not None and self.rank.is_local_master and not self.rank.is_master:
             self.remote.storage.open_ahead()  # this rank fetches for its node once the master has chosen
 
@@ -155,23 +158,35 @@ class Checkpointer:
         assert info is not None
         return info
 
+    def _refuse_without_process_group(self) -> None:
+        """Every rank of a job without a process group: a typed error naming what this rank sees. Ranks that cannot
+        talk cannot agree on one checkpoint, nor can a node receive one that is only on the master's disk."""
+        found = newest(self.manager, self.remote)
+        where = "none" if found is None else found.uri
+        if found is not None and found.storage is self.manager.storage:
+            where += " (on this node's disk only)" if self.remote is None else " (on this node's disk)"
+        raise CheckpointError(
+            f"rank {self.rank.rank} of {self.rank.world_size}: cannot resume without a process group: the master "
+            f"chooses the checkpoint every rank reads, and sends other nodes what is on its disk only (the newest "
+            f"checkpoint this rank sees: {where}); call torch.distributed.init_process_group() before resuming"
+        )
+
     def _read(self, info: CheckpointInfo, want: Want | None = None) -> Any:
-        """Every rank: the checkpoint's weights mapped (remote ones through one download per node, or with
-        ``want`` on several nodes, each node fetching only the ranges its ranks read)."""
+        """Every rank: the checkpoint's weights mapped. On one node, remote files through one download per node.
+        On several, each byte leaves its source once (the store, or the master's disk for a checkpoint only
+        there), the nodes sharing pieces so that each node's cache gets what its ranks read (``want``; None: all)."""
 
         def download() -> None:
             with typed_io(info.uri, "downloading into the node cache"):
                 cache_checkpoint(info.storage, info.name, self.cache)
 
         self._fetched = None
-        if info.storage.is_local:
-            pass
-        elif (
-            want is not None
-            and self.rank.local_world_size < self.rank.world_size
-            and info.name.endswith(".safetensors")
-        ):
+        several_nodes = self.rank.local_world_size < self.rank.world_size
+        if several_nodes and info.name.endswith(".safetensors"):
             self._fetched = fetch_for_nodes(info.storage, info.name, self.cache, want)
+        elif info.storage.is_local:
+            if several_nodes:  # a .pt file has no chunk digests to check pieces by: every node must see it
+                ranks.together(lambda: self._check_visible(info))
         else:  # the node's first rank fills the cache; every rank then maps that copy
             ranks.together(download, here=self.rank.is_local_master)
         with typed_io(info.uri, "loading"):
@@ -180,6 +195,14 @@ class Checkpointer:
                 info.storage, info.name, policy_architecture=self._architecture, allow=self.allow, cache=self.cache,
                 with_metrics=False, fetched=self._fetched,
             )  # fmt: skip
+
+    def _check_visible(self, info: CheckpointInfo) -> None:
+        if not info.storage.exists(info.name):
+            raise CheckpointNotFoundError(
+                f"{info.uri}: the checkpoint the master chose is on the master's node only, and a .pt file cannot "
+                "be sent to other nodes (no chunk digests): resume from a run directory every node shares, or "
+                "convert it to .safetensors (ckptio convert)"
+            )
 
     def _read_trainer_state(self, info: CheckpointInfo, metadata: Mapping[str, str], restore_rng: bool) -> None:
         allow_missing = self.config.resume_without_trainer_state

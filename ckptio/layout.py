@@ -724,9 +724,10 @@ def _local_copy(
 ) -> tuple[str | None, list[tuple[int, int]] | None]:
     """Where to read ``name`` from, and (with ``fetched``) the ranges held there: the node cache's partial
     entry as ``node_fetch`` filled it, or else (without one) its whole copy."""
-    if fetched is not None and not storage.is_local:
-        # the stat node_fetch fetched with names the entry: no request of this rank's own
-        path, held = (cache or NodeCache()).partial(storage, name, fetched.get(name))
+    if fetched is not None and name in fetched:
+        # the stat node_fetch fetched with names the entry: no request of this rank's own. On local storage
+        # it is the file itself where this node's disk has it, else what the master's node sent this node
+        path, held = (cache or NodeCache()).holding(storage, name, fetched[name])
         if held:
             return path, held
     return fetch_local(storage, name, cache), None
@@ -765,7 +766,7 @@ def _header_extent(f: IO[bytes], size: int) -> int:
 def header_bytes(storage: Storage, name: str, cache: NodeCache, info: FileInfo) -> bytes:
     """The leading bytes of ``name`` a node reads for its header, from the node cache (``cache_headers`` put them
     there): another node given them (``put_header_bytes``) reads its header without a request to the store."""
-    path, held = cache.partial(storage, name, info)
+    path, held = cache.holding(storage, name, info)
     with open(path, "rb") as f:
         end = _header_extent(f, info.size)
         if not covers(held, 0, end):
@@ -804,9 +805,10 @@ def cache_headers(
 
 
 def wanted_ranges(
-    storage: Storage, name: str, cache: NodeCache, want: Want, infos: dict[str, FileInfo] | None = None
+    storage: Storage, name: str, cache: NodeCache, want: Want | None, infos: dict[str, FileInfo] | None = None
 ) -> dict[str, list[tuple[int, int]] | None]:
-    """The byte ranges of a checkpoint's tensor files one rank reads, by file, from headers already cached.
+    """The byte ranges of a checkpoint's tensor files one rank reads, by file, from headers already cached
+    (``want`` None: every byte, as a rank loading the whole model reads).
 
     A file without chunk digests (from older ckptio or another writer) is wanted whole (None): a part of it
     could not be checked.
@@ -817,6 +819,9 @@ def wanted_ranges(
         chunks = chunk_digests(hdr, storage.url(file))
         if chunks is None:
             out[file] = None
+            continue
+        if want is None:
+            out[file] = [(0, hdr.file_size)]
             continue
         by_key: dict[str, list[str]] = {}
         for alias, target in json.loads(hdr.metadata.get("ckptio.aliases") or "{}").items():

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from . import ranks
 from .cache import RANGE_GAP, RANGE_PIECE, RANGE_WORKERS, NodeCache, cut_pieces, exact, widen_ranges
-from .errors import typed_io
+from .errors import CheckpointError, typed_io
 from .layout import FileChunks, Want, cache_headers, file_chunks, header_bytes, put_header_bytes, wanted_ranges
 from .storage import FileInfo, Storage, intersect_ranges, merge_ranges, subtract_ranges
 
@@ -126,7 +126,7 @@ def _obtain(
     storage: Storage, cache: NodeCache, files: Mapping[str, FileChunks], pieces: Sequence[Piece], infos: Mapping
 ) -> dict:
     """This node's pieces' bytes: from its cache where it holds them, else from the store, each chunk checked."""
-    paths = {p.file: cache.partial(storage, p.file, infos[p.file])[0] for p in pieces if p.cached}
+    paths = {p.file: cache.holding(storage, p.file, infos[p.file])[0] for p in pieces if p.cached}
 
     def one(p: Piece) -> bytes:
         if p.cached:
@@ -185,10 +185,13 @@ def _stat_files(storage: Storage, name: str, cache: NodeCache) -> tuple[dict[str
     return infos, {f: header_bytes(storage, f, cache, info) for f, info in infos.items()}
 
 
-def fetch_for_nodes(storage: Storage, name: str, cache: NodeCache, want: Want) -> dict[str, FileInfo]:
-    """Every rank: each node's cache gets the byte ranges its ranks read (they say which); the store sends each once.
+def fetch_for_nodes(storage: Storage, name: str, cache: NodeCache, want: Want | None) -> dict[str, FileInfo]:
+    """Every rank: each node's cache gets the byte ranges its ranks read (they say which; ``want`` None: every
+    byte, for a replicated model); the store sends each once.
 
-    Returns the stats of the files it fetched from: they name the cache entries that hold the ranges."""
+    ``storage`` may be the master's local disk: the master's node then holds every byte, and the other
+    nodes get theirs from it (a node whose disk holds the same files, a run directory they share, fetches
+    nothing). Returns the stats of the files it fetched from: they name the cache entries that hold the ranges."""
     rank = ranks.rank_info()
     source = storage.url(name)
     with typed_io(source, "fetching headers into the node cache"):
@@ -202,7 +205,7 @@ def fetch_for_nodes(storage: Storage, name: str, cache: NodeCache, want: Want) -
 
     def local() -> tuple[str, dict, dict | None]:
         wanted = wanted_ranges(storage, name, cache, want, infos)
-        held = {f: cache.partial(storage, f, infos[f])[1] for f in wanted} if rank.is_local_master else None
+        held = {f: cache.holding(storage, f, infos[f])[1] for f in wanted} if rank.is_local_master else None
         return ranks.node_id(), wanted, held
 
     with typed_io(source, "reading headers from the node cache"):
@@ -226,8 +229,20 @@ def fetch_for_nodes(storage: Storage, name: str, cache: NodeCache, want: Want) -
     me = nodes.index(ranks.node_id())
     fetching = fetchers[me] == rank.rank
     whole = sorted({f for w in wants for f, r in w.items() if r is None})  # files without chunk digests
+
+    def fetch_whole(file: str) -> None:
+        if cache.holding(storage, file, infos[file])[1] == [(0, infos[file].size)]:
+            return
+        if storage.is_local:
+            raise CheckpointError(
+                f"{storage.url(file)}: is on the master's node only, and has no chunk digests (an older ckptio wrote "
+                "it) to check its bytes on the way to this node: resume from a run directory every node shares, "
+                "or from the remote copy"
+            )
+        cache.fetch(storage, file)
+
     with typed_io(source, "fetching this node's ranges into the node cache"):
-        ranks.together(lambda: [cache.fetch(storage, f) for f in whole], here=fetching)
+        ranks.together(lambda: [fetch_whole(f) for f in whole], here=fetching)
         files = {f: file_chunks(storage, f, cache, infos[f]) for f in wants[me] if f not in whole}
         need, windows = plan_fetch(files, wants, helds)  # type: ignore[arg-type]
         error: BaseException | None = None

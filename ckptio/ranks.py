@@ -32,6 +32,7 @@ __all__ = [
     "broadcast_object",
     "exchange",
     "gather_results",
+    "has_process_group",
     "is_master",
     "master_result",
     "raise_together",
@@ -95,6 +96,11 @@ def is_master() -> bool:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def has_process_group() -> bool:
+    """True when this job's ranks can talk to each other (torch.distributed initialized, more than one rank)."""
+    return _distributed()
 
 
 _gloo_group: Any = None

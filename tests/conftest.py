@@ -73,6 +73,30 @@ def run_torchrun(module: str, *args: str, timeout: float = 120, check: bool = Tr
     return proc
 
 
+def run_nodes(module: str, nodes: int, node_args, caches: list[str], *, nproc: int = 1, timeout: float = 240):
+    """N torchrun agents side by side, as N nodes (``--nnodes=N --node_rank=i``, a rendezvous on 127.0.0.1), node
+    ``i`` running ``module`` with ``node_args(i)`` and its own node cache; returns (returncode, stdout, stderr) each."""
+    import subprocess
+
+    from remote_fixtures import free_port
+
+    port = free_port()
+    procs = []
+    for i in range(nodes):
+        cmd = [PYTHON, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc_per_node={nproc}",
+               f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", module, *node_args(i)]  # fmt: skip
+        env = subprocess_env(CKPTIO_CACHE_DIR=caches[i])
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            kill_tree(p.pid)
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
+
+
 def _marked(token: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter():

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 
 import pytest
-from remote_fixtures import free_port, running_s3
+from remote_fixtures import running_s3
 from safetensors.torch import load_file
 
 from ckptio.cache import HELD, PARTIAL
@@ -29,24 +28,17 @@ def s3(tmp_path_factory):
 
 
 def run_nodes(tmp_path, tag: str, nodes: int, args: list[str], caches: list[str], nproc: int = 1, check: bool = True):
-    """N torchrun agents side by side, as N nodes; returns their finished processes."""
-    from conftest import PYTHON, REPO_ROOT, subprocess_env
+    """N torchrun agents side by side, as N nodes, each with its own run and output directory."""
+    from conftest import run_nodes as run_agents
 
-    port = free_port()
-    procs = []
-    for i in range(nodes):
-        cmd = [PYTHON, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc_per_node={nproc}",
-               f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "nodes_job",
-               str(tmp_path / f"{tag}-run{i}"), str(tmp_path / f"{tag}-out{i}"), *args]  # fmt: skip
-        env = subprocess_env(CKPTIO_CACHE_DIR=caches[i])
-        procs.append(
-            subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
-    outs = [p.communicate(timeout=240) for p in procs]
+    results = run_agents(
+        "nodes_job", nodes, lambda i: [str(tmp_path / f"{tag}-run{i}"), str(tmp_path / f"{tag}-out{i}"), *args],
+        caches, nproc=nproc,
+    )  # fmt: skip
     if check:
-        for i, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
-            assert p.returncode == 0, f"node {i} failed ({p.returncode}):\n{out}\n{err[-4000:]}"
-    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
+        for i, (code, out, err) in enumerate(results):
+            assert code == 0, f"node {i} failed ({code}):\n{out}\n{err[-4000:]}"
+    return results
 
 
 @pytest.fixture(scope="module")
