@@ -1,4 +1,4 @@
-"""A sharded resume on N simulated nodes from object storage: the bytes the store sends, and the time to resume.
+"""Resume on N simulated nodes from object storage (sharded and replicated): the bytes the store sends, and the time to resume.
 
     python -m benchmarks.nodes [--size 32M] [--nodes 1,2,4] [--cap-mib 16] [--repeats 1]
 
@@ -13,6 +13,13 @@ by DCP (``FsspecWriter``), from 2 ranks. Each row then resumes it on N nodes: N 
 - ``whole``: each node first downloads the whole files into its cache (ckptio before ranged
   resumes), then ``load_into``;
 - ``dcp``: ``torch.distributed.checkpoint.load`` through its fsspec reader;
+- ``replicated``: the same model unsharded, as a DDP job holds it (saved by ckptio from 2 ranks, with its
+  Adam state), resumed with ``load_or_create_policy`` + ``load_optimizer`` on every node (the nodes fetch
+  each byte once between them and share pieces);
+- ``replicated_whole``: each node first downloads the whole files into its cache (ckptio before shared
+  replicated resumes), then the same load;
+- ``restart``: the replicated resume of a job restarted in place: node 0's run directory holds the
+  checkpoint (the master wrote it there), the others' are empty; the master's disk serves its peers;
 - ``warm`` (only when asked for): ``load_into`` on nodes whose caches already hold what their ranks
   read (an earlier resume, in processes of its own, filled them), so nothing is fetched: what a resume costs here besides the
   fetch (finding the checkpoint, stats, headers, agreeing, loading the blocks), with 4 nodes' ranks,
@@ -96,6 +103,9 @@ def _options(port: int) -> dict:
 
 
 # -- the jobs, under torchrun ---------------------------------------------------------------------
+REPLICATED = ("replicated", "restart")  # the jobs that resume the unsharded (DDP) checkpoint
+
+
 def job(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
@@ -118,17 +128,35 @@ def job(args: argparse.Namespace) -> int:
     model = build(arch, init_device_mesh("cpu", (world,)), meta=args.job != "save")
     opt = with_adam_state(model)
     dcp_options = {k: v for k, v in opts.items()}
+    replicated = ckptio.CheckpointConfig(remote_uri=f"{args.uri}/ddp", remote_storage_options=opts)
     if args.job == "save":
         with ckptio.Checkpointer(args.run_dir, arch, config) as ckpt:
             ckpt.save(model, 0, {"loss": 1.0}, optimizer=opt)
+        torch.manual_seed(0)
+        policy = arch.make_policy(None)
+        with ckptio.Checkpointer(args.run_dir + "-ddp", arch, replicated) as ckpt:
+            ckpt.save(policy, 0, {"loss": 1.0}, optimizer=with_adam_state(policy))
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
         dcp.save(state, storage_writer=FsspecWriter(f"{args.uri}/dcp", **dcp_options))
         dist.destroy_process_group()
         return 0
-    ckpt = ckptio.Checkpointer(args.run_dir, arch, config)
+    ckpt = ckptio.Checkpointer(args.run_dir, arch, replicated if args.job.startswith(REPLICATED) else config)
+    if args.job == "replicated_whole" and int(os.environ["LOCAL_RANK"]) == 0:
+        from ckptio.layout import cache_checkpoint
+
+        remote = ckptio.storage.Storage(f"{args.uri}/ddp/checkpoints", opts)
+        weights = next(n for n in remote.listdir() if n.endswith(".e00000000.safetensors"))
     dist.barrier()
     start = time.perf_counter()
-    if args.job == "dcp":
+    if args.job.startswith(REPLICATED):
+        if args.job == "replicated_whole":
+            if int(os.environ["LOCAL_RANK"]) == 0:
+                cache_checkpoint(remote, weights, ckpt.cache)
+            dist.barrier()
+        policy = ckpt.load_or_create_policy(None)
+        assert ckpt.resumed_from is not None
+        ckpt.load_optimizer(policy, torch.optim.Adam(policy.parameters(), lr=1e-3))
+    elif args.job == "dcp":
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
         dcp.load(state, storage_reader=FsspecReader(f"{args.uri}/dcp", **dcp_options))
     else:
@@ -190,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", default="1,2,4")
     p.add_argument("--cap-mib", type=float, default=16.0)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--methods", default="ckptio,whole,dcp")
-    p.add_argument("--job", choices=["save", "ckptio", "whole", "dcp", "warm"])  # inside torchrun
+    p.add_argument("--methods", default="ckptio,whole,dcp,replicated,replicated_whole,restart")
+    p.add_argument(
+        "--job", choices=["save", "ckptio", "whole", "dcp", "warm", "replicated", "replicated_whole", "restart"]
+    )  # inside torchrun
     p.add_argument("--uri")
     p.add_argument("--opts")
     p.add_argument("--run-dir")
@@ -241,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             "dcp": sum(i["size"] for i in fs.ls("bench/ckpt/dcp", detail=True)),
         }  # fmt: skip
         stored["whole"] = stored["warm"] = stored["ckptio"]
+        stored["replicated"] = stored["replicated_whole"] = stored["restart"] = sum(
+            i["size"] for i in fs.ls("bench/ckpt/ddp/checkpoints", detail=True) if i["name"].endswith(".safetensors")
+        )
         rows: dict[str, dict] = {}
         for nodes in [int(n) for n in args.nodes.split(",")]:
             for method in args.methods.split(","):
@@ -251,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                         _agents(
                             ["--job", "ckptio", *direct, "--opts", json.dumps(_options(proxy.port))], nodes, work, tag
                         )
+                    if method == "restart":  # node 0's run directory holds what the master saved there
+                        shutil.copytree(os.path.join(work, "save-run-ddp"), os.path.join(work, f"{tag}-run0"))
                     before = proxy.sent
                     _agents(["--job", method, *direct, "--opts", json.dumps(_options(proxy.port))], nodes, work, tag)
                     with open(os.path.join(work, f"{tag}.json")) as f:
@@ -282,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
-        f"# Sharded resume on N nodes ({result['size'] / 2**20:.0f} MiB of parameters + Adam; "
+        f"# Resume on N nodes ({result['size'] / 2**20:.0f} MiB of parameters + Adam; "
         f"each connection capped at {result['cap_mib_s']:g} MiB/s)",
         "",
         "| nodes | method | bytes the store sent | per checkpoint byte | time to resume |",
@@ -293,6 +328,14 @@ def markdown(result: dict) -> str:
                      f"{row['per_checkpoint_byte']:.2f}x | {row['seconds']:.2f} s |")  # fmt: skip
     lines.append("")
     for nodes in sorted({r["nodes"] for r in rows.values()}):
+        a, b, c = (rows.get(f"nodes.{m}.{nodes}") for m in ("replicated", "replicated_whole", "restart"))
+        if a and b:
+            lines.append(f"- {nodes} node(s), replicated: the store sent {a['per_checkpoint_byte']:.2f}x the checkpoint "
+                         f"(whole-file downloads: {b['per_checkpoint_byte']:.2f}x); time to resume "
+                         f"{a['seconds'] / b['seconds']:.2f}x the whole-file downloads'")  # fmt: skip
+        if c:
+            lines.append(f"- {nodes} node(s), restart in place: the store sent {c['bytes'] / 2**20:.2f} MiB "
+                         f"({c['per_checkpoint_byte']:.3f}x the checkpoint), {c['seconds']:.2f} s")  # fmt: skip
         a, b = rows.get(f"nodes.ckptio.{nodes}"), rows.get(f"nodes.whole.{nodes}")
         if a and b:
             warm = rows.get(f"nodes.warm.{nodes}")

@@ -44,6 +44,7 @@ CLI, SHARDED, TORCHRUN, REFERENCE = (
     T + "test_reference.py",
 )
 RANGES, NODES = T + "test_ranges.py", T + "test_nodes.py"
+RESTART = T + "test_restart.py"
 AGREE = SHARDED + "::test_ranks_that_disagree_fail_together_within_seconds_and_write_nothing[2]"
 FAIL_TOGETHER = TORCHRUN + "::test_one_rank_failing_inside_a_collective_operation_stops_every_rank"
 MASTER_FAILS = TORCHRUN + "::test_a_failure_on_the_master_during_resume_reaches_every_rank"
@@ -916,10 +917,44 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "layout.every-rank-stats-the-fetched-files",
         "layout.py",
-        "path, held = (cache or NodeCache()).partial(storage, name, fetched.get(name))",
-        "path, held = (cache or NodeCache()).partial(storage, name)",
+        "path, held = (cache or NodeCache()).holding(storage, name, fetched[name])",
+        "path, held = (cache or NodeCache()).holding(storage, name, storage.info(name))",
         "every rank stats each file it reads from the node's fetched ranges: a request per rank to the store",
         (NODES + "::test_the_store_sends_each_byte_once_and_each_node_caches_only_its_ranks_ranges",),
+    ),
+    # -- restarts in place and replicated resumes on several nodes -----------------------------------
+    Mutant(
+        "cache.master-disk-not-held",
+        "cache.py",
+        "        if storage.is_local:\n            try:\n                if storage.info(name) == info:",
+        "        if False:\n            try:\n                if storage.info(name) == info:",
+        "the master's node does not serve the checkpoint on its disk: a restart in place with per-node run "
+        "directories cannot resume",
+        (RESTART + "::test_a_job_restarted_in_place_resumes_on_every_node[2-clean-sync-False]",),
+    ),
+    Mutant(
+        "checkpointer.replicated-downloads-per-node",
+        "checkpointer.py",
+        'if several_nodes and info.name.endswith(".safetensors"):',
+        'if several_nodes and want is not None and info.name.endswith(".safetensors"):',
+        "a replicated resume on N nodes downloads every file on every node: the store sends N times the checkpoint",
+        (RESTART + "::test_a_replicated_resume_reads_each_byte_of_the_store_once[2]",),
+    ),
+    Mutant(
+        "cache.complete-entry-stays-partial",
+        "cache.py",
+        "        if held == [(0, size)]:\n            return self._complete(path), held",
+        "        if False:\n            return self._complete(path), held",
+        "a node cache that received every byte keeps a partial entry: later loads on the node download it again",
+        (RESTART + "::test_a_replicated_resume_reads_each_byte_of_the_store_once[2]",),
+    ),
+    Mutant(
+        "checkpointer.resume-without-process-group",
+        "checkpointer.py",
+        "        if self.rank.world_size > 1 and not ranks.has_process_group():",
+        "        if False:",
+        "ranks that cannot talk resume each from what it sees (or crash untyped)",
+        (RESTART + "::test_a_job_restarted_in_place_resumes_on_every_node[2-clean-sync-False]",),
     ),
     Mutant(
         "sharded.copy-skips-a-modules-own-loading",
