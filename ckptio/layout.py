@@ -26,7 +26,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 import torch
@@ -552,8 +552,12 @@ def read_trainer_state(
     cache: NodeCache | None = None,
     verify: bool = True,
     fetched: Mapping[str, FileInfo] | None = None,
+    resume: bool = False,
 ) -> FlatTrainerState | None:
     """The trainer-state tensors and metadata saved with ``weights``; None if it was saved without.
+
+    A copy of a checkpoint (moved, renamed) may lack its trainer state, with a warning, except for a
+    ``resume``: a resume must not restart the optimizer, step and RNG silently, wherever the run now lives.
 
     Mapped like the weights (a sharded optimizer takes only its ranks' blocks) and, by default,
     checked against its digest: a resume must not continue from a damaged optimizer state. With
@@ -569,7 +573,7 @@ def read_trainer_state(
         tensors, meta = read_weights(storage, name, verify=verify, local_path=local, held=held)
     except CheckpointNotFoundError:
         if sidecars.declared:
-            _raise_missing(storage, weights, metadata, sidecars, name)
+            _raise_missing(storage, weights, metadata, replace(sidecars, moved=False) if resume else sidecars, name)
         return None
     assert isinstance(tensors, Mapping)
     if sidecars.declared and meta.get(SAVE_ID_KEY) != metadata.get(SAVE_ID_KEY):

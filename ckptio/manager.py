@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import posixpath
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,13 +19,14 @@ import torch
 from .architecture import architecture_to_json, architectures_equal
 from .artifact import PolicyArtifact
 from .cache import NodeCache
-from .discovery import CheckpointInfo, best, list_checkpoints, load_from_uri, load_latest, scan
+from .discovery import CheckpointInfo, best, checkpoint_metrics, list_checkpoints, load_from_uri, load_latest, scan
 from .errors import (
     ArchitectureError,
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
     CheckpointSecurityError,
+    CheckpointWarning,
     InvalidArgumentError,
     save_failed,
     typed_io,
@@ -94,16 +96,40 @@ class CheckpointManager:
         for where in (self.run_storage, self.storage):
             if where.is_local and os.path.exists(where.root) and not os.path.isdir(where.root):
                 raise CheckpointFormatError(f"{where.root}: is a file, not a run directory")
-        self.run_name = sanitize_run_name(run_name or posixpath.basename(self.run_storage.root) or "run")
+        self._run_name = sanitize_run_name(run_name) if run_name else None  # else found at first need
         self.checkpoint_format = checkpoint_format
         self.keep_last = keep_last
         self.keep_best = keep_best
         self._cleaned = False
+        self._warned_unranked = False  # keep_best's metric is on no checkpoint: said once
         self.last_saved: str | None = None  # retention never deletes this process's newest save
 
     @property
     def checkpoint_dir(self) -> str:
         return self.storage.url()
+
+    @property
+    def run_name(self) -> str:
+        """The name this run's checkpoint files carry: as given; else the run directory's, unless the directory
+        holds the checkpoints of one other run only (a run directory copied or moved under a new name is that run)."""
+        if self._run_name is None:
+            self._run_name = self._find_run_name()
+        return self._run_name
+
+    def _find_run_name(self) -> str:
+        own = sanitize_run_name(posixpath.basename(self.run_storage.root) or "run")
+        with typed_io(self.checkpoint_dir, "listing checkpoints"):
+            runs = sorted({i.run for i in scan(self.storage)})
+        if not runs or own in runs:
+            return own
+        if len(runs) == 1:
+            log.info("%s: holds the checkpoints of run %r only: continuing that run", self.checkpoint_dir, runs[0])
+            return runs[0]
+        raise CheckpointError(
+            f"{self.checkpoint_dir}: holds the checkpoints of runs {', '.join(map(repr, runs))}, none named {own!r} "
+            "after its directory: name the run to continue (CheckpointConfig(run_name=...) or "
+            "CheckpointManager(..., run_name=...))"
+        )
 
     def checkpoint(self, epoch: int) -> CheckpointInfo:
         """The checkpoint this run names for ``epoch`` (whether or not it is saved yet)."""
@@ -210,13 +236,14 @@ class CheckpointManager:
         metadata: Mapping[str, str] | None = None,
         *,
         fetched: Mapping[str, FileInfo] | None = None,
+        resume: bool = False,
     ) -> FlatTrainerState | None:
         """The trainer state saved with a checkpoint (digest checked); None if it was saved without. With
         ``fetched`` (the stats ``node_fetch`` fetched at): from the ranges of it this node fetched, each read chunk
-        checked."""
+        checked. With ``resume``, a copy without its trainer state is damage too."""
         if metadata is None:
             metadata = read_metadata(info.storage, info.name, local_path=fetch_local(info.storage, info.name, cache))
-        return read_trainer_state(info.storage, info.name, metadata, cache=cache, fetched=fetched)
+        return read_trainer_state(info.storage, info.name, metadata, cache=cache, fetched=fetched, resume=resume)
 
     def read_resume_state(
         self,
@@ -232,7 +259,7 @@ class CheckpointManager:
         warning, and nothing restored); a .pt training checkpoint gives its optimizer and the rest as they are."""
         try:
             with typed_io(info.uri, "reading the trainer state"):
-                raw = self.read_trainer_state(info, cache, metadata, fetched=fetched)
+                raw = self.read_trainer_state(info, cache, metadata, fetched=fetched, resume=True)
         except CheckpointNotFoundError:
             raise
         except CheckpointError as e:
@@ -271,11 +298,30 @@ class CheckpointManager:
         if self.keep_best is not None and infos:
             metric, mode, k = self.keep_best
             ranked = best(infos, metric, mode, k, strict=False)  # unreadable metrics rank nowhere; never fail a save
+            if not ranked:  # a metric no checkpoint carries (a typo?) cannot say which are the best: keep them all
+                self._warn_unranked(metric, infos[-1])
+                return []
         protected = {*protect, *([self.last_saved] if self.last_saved is not None else [])}
         doomed = retention(infos, protected=protected, keep_last=self.keep_last, best=ranked)
         for info in doomed:
             self.delete(info, listing)
         return [i.uri for i in doomed]
+
+    def _warn_unranked(self, metric: str, newest: CheckpointInfo) -> None:
+        if self._warned_unranked:
+            return
+        self._warned_unranked = True
+        try:
+            carried = sorted(checkpoint_metrics(newest) or {})
+        except CheckpointError:
+            carried = []
+        warnings.warn(
+            f"{self.checkpoint_dir}: keep_best ranks by {metric!r}, which no checkpoint of run {self.run_name!r} "
+            f"carries (the newest carries {', '.join(map(repr, carried)) or 'no metrics'}): retention deletes "
+            "nothing until one does",
+            CheckpointWarning,
+            stacklevel=3,
+        )
 
     def delete(self, info: CheckpointInfo, listing: list[str] | None = None) -> None:
         """Delete a checkpoint: its weights first (it vanishes at once), then every other file of it."""

@@ -1,0 +1,91 @@
+"""Operator mistakes and deployments as users make them: a misspelt metric, a renamed or moved run, a misspelt
+bucket, an outage across the end of a job, SIGTERM. Each test here failed before its fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import ckptio
+
+
+@pytest.fixture
+def arch():
+    from archs import MLPArch
+
+    return MLPArch()
+
+
+def _epochs(run, **kw) -> list[int]:
+    return [i.epoch for i in ckptio.CheckpointManager(str(run), **kw).list_checkpoints()]
+
+
+# ---- retention ---------------------------------------------------------------------------------
+
+
+def test_keep_best_by_a_metric_no_checkpoint_carries_deletes_nothing_and_says_so_once(tmp_path, policy):
+    run = tmp_path / "run"
+    typo = ckptio.CheckpointManager(str(run), keep_last=1, keep_best=("rewrd", "max", 2))
+    with pytest.warns(ckptio.CheckpointWarning, match=r"'rewrd'.*'reward'") as said:
+        for epoch, reward in enumerate([0.9, 0.95, 0.1, 0.2]):
+            typo.save_checkpoint(policy, epoch, {"reward": reward})
+    assert len([w for w in said if "rewrd" in str(w.message)]) == 1
+    assert _epochs(run) == [0, 1, 2, 3]
+    # spelt right, the same rule keeps the two best and the newest
+    right = ckptio.CheckpointManager(str(run), keep_last=1, keep_best=("reward", "max", 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        right.save_checkpoint(policy, 4, {"reward": 0.3})
+    assert _epochs(run) == [0, 1, 4]
+
+
+# ---- a run's identity: copies, renames, moves ---------------------------------------------------
+
+
+def _trainer_file(run) -> str:
+    d = os.path.join(run, "checkpoints")
+    return os.path.join(d, next(n for n in os.listdir(d) if n.endswith(".trainer.safetensors")))
+
+
+def test_a_run_directory_copied_under_another_name_continues_that_run(tmp_path, arch, env_meta):
+    run = tmp_path / "runA"
+    with ckptio.Checkpointer(str(run), arch) as ckpt:
+        policy = ckpt.load_or_create_policy(env_meta)
+        for epoch in (1, 2):
+            ckpt.save(policy, epoch, {"loss": 1.0}, force=True)
+    shutil.copytree(run, tmp_path / "runA_ws1")
+    with ckptio.Checkpointer(str(tmp_path / "runA_ws1"), arch) as copy:
+        copy.load_or_create_policy(env_meta)
+        assert copy.resumed_from is not None and copy.resumed_from.epoch == 2 and copy.start_epoch == 3
+        assert copy.save(policy, 3, force=True).endswith("runA.e00000003.safetensors")  # the run goes on
+    # a directory holding several runs, none of this job's name: which one is meant is not guessed
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run, mixed)
+    ckptio.CheckpointManager(str(mixed), run_name="runB").save_checkpoint(policy, 1)
+    with pytest.raises(ckptio.CheckpointError, match=r"mixed/checkpoints: .*'runA', 'runB'.*run_name"):
+        ckptio.Checkpointer(str(mixed), arch).load_or_create_policy(env_meta)
+    assert _epochs(mixed, run_name="runA") == [1, 2] and _epochs(mixed, run_name="runB") == [1]
+
+
+def test_a_moved_run_without_its_trainer_state_is_not_resumed_fresh(tmp_path, arch, env_meta):
+    run = tmp_path / "run"
+    with ckptio.Checkpointer(str(run), arch) as ckpt:
+        policy = ckpt.load_or_create_policy(env_meta)
+        opt = torch.optim.Adam(policy.parameters())
+        policy(torch.randn(2, env_meta["obs_dim"])).sum().backward()
+        opt.step()
+        ckpt.save(policy, 1, optimizer=opt, force=True)
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(run, moved)
+    os.unlink(_trainer_file(moved))
+    with pytest.raises(ckptio.CorruptCheckpointError, match=r"trainer.*resume_without_trainer_state=True"):
+        ckptio.Checkpointer(str(moved), arch).load_or_create_policy(env_meta)
+    allowed = ckptio.Checkpointer(str(moved), arch, ckptio.CheckpointConfig(resume_without_trainer_state=True))
+    allowed.load_or_create_policy(env_meta)
+    assert allowed.resumed_from.epoch == 1 and allowed.trainer_state is None
+    allowed.close()
+    assert ckptio.load_from_uri(str(moved)).state_dict.keys() == policy.state_dict().keys()  # a weights-only load may
