@@ -278,6 +278,7 @@ class Storage:
         self.storage_options = dict(storage_options or {})
         self.timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
         self._fs: fsspec.AbstractFileSystem | None = None
+        self._buckets_seen: set[str] = set()  # buckets known to exist: checked once, not on every write
         if _is_plain_path(uri):
             # most loads name a local file and never need fsspec: build its filesystem on first use
             self.is_local, self.root = True, _abspath(uri)
@@ -493,7 +494,7 @@ class Storage:
             raise FileExistsError(errno.EEXIST, "write-once file exists", path)
         parent = posixpath.dirname(path)
         if parent and self.kind() is None:
-            self._remote("mkdir", None, self.fs.makedirs, parent, exist_ok=True)
+            self._make_parent(parent)
         if exclusive:
             try:
                 self._stream(name, path, "xb", writer)
@@ -503,6 +504,28 @@ class Storage:
                     raise
                 # backend has no conditional create: the check above and the single writer hold
         self._stream(name, path, "wb", writer)
+
+    def _make_parent(self, parent: str) -> None:
+        """Where a write's directory does not exist yet: made on filesystems with directories; on an object
+        store (keys under a bucket) only the bucket is checked."""
+        if not self._check_bucket(parent):
+            self._remote("mkdir", None, self.fs.makedirs, parent, exist_ok=True)
+
+    def _check_bucket(self, path: str) -> bool:
+        """On a store with buckets (s3fs, gcsfs, adlfs): StorageError unless ``path``'s bucket exists (checked once
+        per bucket), never creating it: a misspelt bucket must not become a new one. False on other filesystems."""
+        split = getattr(self.fs, "split_path", None)
+        if split is None:
+            return False
+        bucket = split(path)[0]
+        if bucket not in self._buckets_seen:
+            if not self._remote("stat", None, self.fs.exists, bucket):
+                raise StorageError(
+                    f"{self.uri}: bucket {bucket!r} does not exist (ckptio never creates buckets: create it, or "
+                    "correct the URI)"
+                )
+            self._buckets_seen.add(bucket)
+        return True
 
     def _stream(self, name: str, path: str, mode: str, writer: Callable[[IO[bytes]], None]) -> None:
         """Open, write and close one object: the upload (and its failure) happens inside."""
@@ -528,6 +551,7 @@ class Storage:
                 self._write_local(path, lambda f: _copy(src, f), False)
             return
         kwargs = {"callback": callback} if callback is not None else {}
+        self._check_bucket(path)
         self._remote("upload", name, self.fs.put_file, local_path, path, timeout=timeout, **kwargs)
 
     def get_file(self, name: str, local_path: str, *, timeout: float | None = None) -> None:

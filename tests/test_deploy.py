@@ -89,3 +89,22 @@ def test_a_moved_run_without_its_trainer_state_is_not_resumed_fresh(tmp_path, ar
     assert allowed.resumed_from.epoch == 1 and allowed.trainer_state is None
     allowed.close()
     assert ckptio.load_from_uri(str(moved)).state_dict.keys() == policy.state_dict().keys()  # a weights-only load may
+
+
+# ---- buckets --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["s3", "gcs"])
+def test_a_misspelt_bucket_is_a_typed_error_and_never_created(request, tmp_path, arch, env_meta, policy, store):
+    server = request.getfixturevalue(store)
+    scheme = "s3" if store == "s3" else "gs"
+    config = ckptio.CheckpointConfig(remote_uri=f"{scheme}://nosuchbucket/run", remote_storage_options=server.options())
+    ckpt = ckptio.Checkpointer(str(tmp_path / "run"), arch, config)
+    with pytest.raises(ckptio.StorageError, match=r"nosuchbucket/run.*bucket 'nosuchbucket' does not exist"):
+        ckpt.load_or_create_policy(env_meta)
+    with pytest.raises(ckptio.CheckpointError, match=r"run.e00000001.*bucket 'nosuchbucket' does not exist"):
+        ckptio.CheckpointManager(f"{scheme}://nosuchbucket/run", storage_options=server.options()).save_checkpoint(
+            policy, 1
+        )
+    fs = ckptio.storage.Storage(f"{scheme}://{server.make_bucket()}", server.options()).fs
+    assert not fs.exists("nosuchbucket")

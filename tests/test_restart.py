@@ -175,3 +175,14 @@ def test_a_pt_checkpoint_only_on_the_masters_disk_is_a_typed_error_on_every_rank
     results = agents(tmp_path, "p", 2, "--epochs", "1")
     for code, out, err in results:
         assert code != 0 and "FAILED CheckpointNotFoundError" in out and "master's node only" in out, (out, err[-2000:])
+
+
+def test_a_misspelt_bucket_fails_every_rank_at_the_first_use_and_is_never_created(store, tmp_path):
+    server, options, _ = store
+    args = ["--remote-uri", "s3://nosuchbucket/rlrun", "--storage-options", json.dumps(options)]
+    for code, out, err in agents(tmp_path, "m", 2, "--epochs", "0", *args):
+        assert code != 0 and re.search(r"^FAILED StorageError: .*bucket 'nosuchbucket' does not exist", out, re.M), (
+            out,
+            err[-2000:],
+        )
+    assert not Storage(f"s3://{server.make_bucket()}", server.options()).fs.exists("nosuchbucket")
