@@ -110,7 +110,7 @@ class CheckpointManager:
 
     @property
     def run_name(self) -> str:
-        """The name this run's checkpoint files carry: as given; else the run directory's, unless the directory
+        """The name this run's checkpoint files carry: as given; else the run directory's, unless a local directory
         holds the checkpoints of one other run only (a run directory copied or moved under a new name is that run)."""
         if self._run_name is None:
             self._run_name = self._find_run_name()
@@ -118,6 +118,8 @@ class CheckpointManager:
 
     def _find_run_name(self) -> str:
         own = sanitize_run_name(posixpath.basename(self.run_storage.root) or "run")
+        if not self.storage.is_local:  # copies and renames are a disk's (cp, mv, a new mount): no listing request
+            return own
         with typed_io(self.checkpoint_dir, "listing checkpoints"):
             runs = sorted({i.run for i in scan(self.storage)})
         if not runs or own in runs:
