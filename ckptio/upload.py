@@ -27,6 +27,7 @@ __all__ = ["UploadJob", "Uploader"]
 log = logging.getLogger("ckptio")
 
 _BAR_MIN_BYTES = 64 << 20
+WAIT_REPORT_S = 15.0  # close() says what it waits for this often: a store outage must not look like a hang
 
 
 class _Superseded(Exception):
@@ -57,6 +58,7 @@ class UploadJob:
     label: str
     error: BaseException | None = None
     superseded: bool = False
+    seq: int = 0  # submission order: a later job's upload makes an earlier failed one moot
 
 
 class Uploader:
@@ -82,6 +84,8 @@ class Uploader:
         self._newest: dict[str, UploadJob] = {}  # by label: a re-save of a checkpoint supersedes its upload
         self._active: list[UploadJob] = []
         self._failed: list[UploadJob] = []
+        self._submitted = 0
+        self.newest_uploaded: UploadJob | None = None  # the latest-submitted job whose upload committed
         self._cv = threading.Condition()
         self._closing = False
         self._stop = threading.Event()
@@ -107,6 +111,8 @@ class Uploader:
                     log.warning("uploads behind: skipping %s in favour of %s", dropped.label, job.label)
                 else:
                     self._cv.wait()
+            self._submitted += 1
+            job.seq = self._submitted
             self._pending.append(job)
             self._newest[job.label] = job
             self._cv.notify_all()
@@ -138,6 +144,8 @@ class Uploader:
                 self._active.remove(job)
                 if job.error is not None:
                     self._failed.append(job)
+                elif not job.superseded and (self.newest_uploaded is None or job.seq > self.newest_uploaded.seq):
+                    self.newest_uploaded = job
                 self._cv.notify_all()
             if job.error is None and not job.superseded and self.on_uploaded is not None:
                 try:
@@ -174,23 +182,41 @@ class Uploader:
         dt = time.monotonic() - start
         log.info("uploaded %s: %d bytes in %.1fs (%.1f MB/s)", job.label, total, dt, total / max(dt, 1e-9) / 1e6)
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until nothing is pending or active; False if the timeout passed first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def wait(self, timeout: float | None = None, *, report: bool = False) -> bool:
+        """Block until nothing is pending or active; False if the timeout passed first. With ``report``, log every
+        ``WAIT_REPORT_S`` what is still uploading and what is safe on the store."""
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        said = start
         with self._cv:
             while self._pending or self._active:
-                left = None if deadline is None else deadline - time.monotonic()
+                now = time.monotonic()
+                left = None if deadline is None else deadline - now
                 if left is not None and left <= 0:
                     return False
-                self._cv.wait(left)
+                if report and now - said >= WAIT_REPORT_S:
+                    said = now
+                    log.warning("close: %.0fs waiting for the uploads of %s; %s", now - start,
+                                ", ".join(j.label for j in (*self._active, *self._pending)), self._safe())  # fmt: skip
+                step = WAIT_REPORT_S if report else None
+                self._cv.wait(step if left is None else min(left, step or left))
         return True
+
+    def _safe(self) -> str:
+        """What is safe on the store, as far as this uploader knows."""
+        newest = self.newest_uploaded
+        return (
+            "no checkpoint of this job is on the store yet"
+            if newest is None
+            else f"the newest on the store is {newest.label}"
+        )
 
     def close(self, timeout: float | None = None) -> None:
         """Finish pending uploads (within ``timeout``), stop the threads, raise if any upload failed."""
         with self._cv:
             self._closing = True
             self._cv.notify_all()
-        finished = self.wait(timeout)
+        finished = self.wait(timeout, report=True)
         if not finished:
             self._stop.set()  # retries give up at once; a transfer stuck in I/O is left to its own bound
             with self._cv:
@@ -205,10 +231,18 @@ class Uploader:
         self._raise_if_failed()
 
     def _raise_if_failed(self, extra: str = "") -> None:
+        """Raise for the uploads that failed, unless a later-submitted one committed: the store holds a newer
+        checkpoint than each, and a superseded upload is no loss (logged)."""
         with self._cv:
             failed = list(self._failed)
+            newest = self.newest_uploaded
+        moot = [j for j in failed if newest is not None and j.seq < newest.seq]
+        for job in moot:
+            log.warning("upload of %s failed (%s); %s, saved after it", job.label, job.error, self._safe())
+        failed = [j for j in failed if j not in moot]
         if failed or extra:
             details = "; ".join(f"{j.label}: {j.error}" for j in failed)
             raise UploadError(
-                f"checkpoint uploads did not complete ({extra}{'; ' if extra and details else ''}{details})"
+                f"checkpoint uploads did not complete ({extra}{'; ' if extra and details else ''}{details}); "
+                + self._safe()
             )

@@ -108,3 +108,93 @@ def test_a_misspelt_bucket_is_a_typed_error_and_never_created(request, tmp_path,
         )
     fs = ckptio.storage.Storage(f"{scheme}://{server.make_bucket()}", server.options()).fs
     assert not fs.exists("nosuchbucket")
+
+
+# ---- uploads: what close() says after an outage -------------------------------------------------
+
+
+def _memory_remote() -> str:
+    import uuid
+
+    return f"memory://deploy-{uuid.uuid4().hex[:8]}/run"
+
+
+def _failing_for(monkeypatch, marker: str) -> None:
+    """Every upload of a file whose name contains ``marker`` fails (a store down for that checkpoint's upload)."""
+    from ckptio.storage import Storage
+
+    real = Storage.put_file
+
+    def flaky(self, local_path, name, **kw):
+        if marker in name:
+            raise ConnectionResetError("connection reset by peer (injected outage)")
+        return real(self, local_path, name, **kw)
+
+    monkeypatch.setattr(Storage, "put_file", flaky)
+
+
+def test_close_does_not_fail_for_an_upload_a_newer_one_superseded(tmp_path, arch, policy, monkeypatch, caplog):
+    remote = _memory_remote()
+    _failing_for(monkeypatch, ".e00000001.")
+    cfg = ckptio.CheckpointConfig(remote_uri=remote, upload_retries=0)
+    ckpt = ckptio.Checkpointer(str(tmp_path / "run"), arch, cfg)
+    ckpt.save(policy, 1, force=True)
+    ckpt.uploader.wait()  # epoch 1's upload failed for good; epoch 2's, saved after it, reaches the store
+    ckpt.save(policy, 2, force=True)
+    with caplog.at_level("WARNING", logger="ckptio"):
+        ckpt.close()
+    assert "upload of run.e00000001 failed" in caplog.text and "the newest on the store is run.e00000002" in caplog.text
+    assert _epochs(remote) == [2]
+
+
+def test_close_fails_for_the_newest_upload_and_says_what_the_store_holds(tmp_path, arch, policy, monkeypatch):
+    remote = _memory_remote()
+    _failing_for(monkeypatch, ".e00000002.")
+    cfg = ckptio.CheckpointConfig(remote_uri=remote, upload_retries=0)
+    ckpt = ckptio.Checkpointer(str(tmp_path / "run"), arch, cfg)
+    ckpt.save(policy, 1, force=True)
+    ckpt.uploader.wait()
+    ckpt.save(policy, 2, force=True)
+    with pytest.raises(
+        ckptio.UploadError, match=r"run\.e00000002.*reset by peer.*the newest on the store is run\.e00000001"
+    ):
+        ckpt.close()
+
+
+def test_close_says_what_it_waits_for_while_the_store_is_down(tmp_path, arch, policy, monkeypatch):
+    import logging
+    import threading
+
+    from remote_fixtures import EventOnLog, gate_uploads
+
+    monkeypatch.setattr(ckptio.upload, "WAIT_REPORT_S", 0.05)
+    gate, started = gate_uploads(monkeypatch)
+    ckpt = ckptio.Checkpointer(str(tmp_path / "run"), arch, ckptio.CheckpointConfig(remote_uri=_memory_remote()))
+    ckpt.save(policy, 1, force=True)
+    assert started.wait(timeout=60)
+    said = EventOnLog("waiting for the uploads of run.e00000001; no checkpoint of this job is on the store yet")
+    logging.getLogger("ckptio").addHandler(said)
+    try:
+        closing = threading.Thread(target=ckpt.close)
+        closing.start()
+        assert said.event.wait(timeout=60)
+    finally:
+        gate.set()
+        logging.getLogger("ckptio").removeHandler(said)
+    closing.join(timeout=60)
+    assert not closing.is_alive()
+
+
+def test_a_local_file_gone_before_its_upload_fails_close(tmp_path, arch, policy, monkeypatch):
+    """Not a re-save (which supersedes an upload): the checkpoint never reached the store, and close() says so."""
+    from remote_fixtures import gate_uploads
+
+    gate, started = gate_uploads(monkeypatch)
+    cfg = ckptio.CheckpointConfig(remote_uri=_memory_remote(), upload_retries=0)
+    ckpt = ckptio.Checkpointer(str(tmp_path / "run"), arch, cfg)
+    uri = ckpt.save(policy, 1, force=True)
+    assert started.wait(timeout=60)  # its first file is under upload; the weights come last
+    os.unlink(uri)
+    gate.set()
+    with pytest.raises(ckptio.UploadError, match=r"run\.e00000001"):
+        ckpt.close()
