@@ -11,8 +11,11 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import logging
+import os
 import posixpath
+import signal
 import sys
+import threading
 import weakref
 from collections.abc import Iterable, Mapping
 from types import ModuleType
@@ -95,7 +98,10 @@ class Checkpointer:
         self._closed = False
         self._shard_group: Any = None
         self._saved_optimizer: Any = None  # the FQN-keyed optimizer state read at resume
+        self._saving = 0  # saves under way on the training thread: a SIGTERM meanwhile waits for them
         atexit.register(_close_at_exit, weakref.ref(self))
+        if c.sigterm_finish_s is not None and threading.current_thread() is threading.main_thread():
+            _on_sigterm.install(self)
 
     @property
     def policy_architecture(self) -> Any:
@@ -320,6 +326,24 @@ class Checkpointer:
         call it. With ``async_`` (default: config.async_save) the call returns once tensors are
         snapshotted to CPU; the rest runs in background. Returns the checkpoint's local URI on the master.
         """
+        self._saving += 1
+        try:
+            return self._save(policy, epoch, training_metrics, trainer_state, force, async_, optimizer)
+        finally:
+            self._saving -= 1
+            if not self._saving:
+                _on_sigterm.deliver_deferred()
+
+    def _save(
+        self,
+        policy: torch.nn.Module | Mapping[str, torch.Tensor],
+        epoch: int,
+        training_metrics: Mapping[str, Any] | None,
+        trainer_state: Any,
+        force: bool,
+        async_: bool | None,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> str | None:
         check_epoch(epoch)
         if not force and not self.should_save(epoch):
             return None
@@ -388,8 +412,9 @@ class Checkpointer:
         """
         ranks.raise_together(self._finish())
 
-    def _finish(self) -> BaseException | None:
-        """This rank's part of close(): the background save and uploads; the error, if any."""
+    def _finish(self, upload_timeout: float | None = None) -> BaseException | None:
+        """This rank's part of close(): the background save and uploads (within ``upload_timeout``, default
+        config.close_timeout_s); the error, if any."""
         if self._closed:
             return None
         self._closed = True
@@ -398,10 +423,22 @@ class Checkpointer:
                 self.saves.wait()
             finally:
                 if self.mirror is not None:
-                    self.mirror.close(self.config.close_timeout_s)
+                    self.mirror.close(self.config.close_timeout_s if upload_timeout is None else upload_timeout)
         except Exception as e:
             return e
         return None
+
+    def _finish_for_signal(self) -> None:
+        """SIGTERM: the save in flight and the uploads (these within config.sigterm_finish_s), logged."""
+        if self._closed:
+            return
+        log.warning("SIGTERM: finishing the save in flight and the uploads (at most %ss for uploads)",
+                    self.config.sigterm_finish_s)  # fmt: skip
+        error = self._finish(self.config.sigterm_finish_s)
+        if error is not None:
+            log.error("SIGTERM: %s", error)
+        elif self.mirror is not None:
+            log.warning("SIGTERM: finished; the newest on the store: %s", self.mirror.last_uploaded)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -414,6 +451,45 @@ class Checkpointer:
         error = self._finish()
         if error is not None:
             log.error("while leaving on an exception: %s", error)
+
+
+class _SigtermHandler:
+    """One SIGTERM handler for every Checkpointer of the process: each finishes its save in flight and its uploads,
+    then the signal goes on as it would have without ckptio (the handler installed before, or the default action,
+    which ends the process). During a save on the training thread the signal waits for that save to complete."""
+
+    def __init__(self) -> None:
+        self.live: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+        self.previous: Any = signal.SIG_DFL
+        self.deferred: tuple[int, Any] | None = None
+
+    def install(self, ckpt: Checkpointer) -> None:
+        self.live.add(ckpt)
+        current = signal.getsignal(signal.SIGTERM)
+        if current is not self:
+            self.previous = current
+            signal.signal(signal.SIGTERM, self)
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if any(c._saving for c in list(self.live)):
+            self.deferred = (signum, frame)
+            return
+        for ckpt in list(self.live):
+            ckpt._finish_for_signal()
+        previous = self.previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def deliver_deferred(self) -> None:
+        if self.deferred is not None:
+            deferred, self.deferred = self.deferred, None
+            self(*deferred)
+
+
+_on_sigterm = _SigtermHandler()
 
 
 def _close_at_exit(ref: weakref.ReferenceType[Checkpointer]) -> None:

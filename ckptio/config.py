@@ -31,6 +31,10 @@ class CheckpointConfig:
       holds one copy per node, up to ``cache_max_bytes``.
     - ``resume_without_trainer_state``: resume with a fresh optimizer and RNG (a warning) when the
       trainer-state file is missing or damaged, instead of raising.
+    - Preemption: on SIGTERM (schedulers and torchrun send it before killing a job) the save in flight
+      completes and the uploads get ``sigterm_finish_s`` seconds (keep it under the scheduler's grace
+      period), then the process ends as the signal would have (a handler installed before is called
+      instead); None leaves SIGTERM alone. Installed from the main thread only.
     - ``shard_timeout_s``: how long a sharded (DTensor) save waits for another rank before failing;
       ``shard_tensors_ahead``: how many tensors its master gathers while it writes one; ``shard_batch_bytes``:
       how many bytes of small tensors travel to it in one message.
@@ -57,6 +61,8 @@ class CheckpointConfig:
     # hand it to remote evaluation jobs. save() returns the local URI, before the upload is done.
     on_uploaded: Callable[[str], None] | None = None
     close_timeout_s: float | None = None  # bound on close() waiting for uploads; None waits
+    # On SIGTERM: finish the save in flight, give uploads this long, then end as the signal would have.
+    sigterm_finish_s: float | None = 25.0
     # Async save: the training thread only snapshots tensors to CPU; the rest runs in background.
     async_save: bool = False
     # Node-local cache for checkpoints loaded from object storage.

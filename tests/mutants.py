@@ -44,7 +44,7 @@ CLI, SHARDED, TORCHRUN, REFERENCE = (
     T + "test_reference.py",
 )
 RANGES, NODES = T + "test_ranges.py", T + "test_nodes.py"
-RESTART = T + "test_restart.py"
+RESTART, DEPLOY = T + "test_restart.py", T + "test_deploy.py"
 AGREE = SHARDED + "::test_ranks_that_disagree_fail_together_within_seconds_and_write_nothing[2]"
 FAIL_TOGETHER = TORCHRUN + "::test_one_rank_failing_inside_a_collective_operation_stops_every_rank"
 MASTER_FAILS = TORCHRUN + "::test_a_failure_on_the_master_during_resume_reaches_every_rank"
@@ -955,6 +955,87 @@ MUTANTS: list[Mutant] = [
         "        if False:",
         "ranks that cannot talk resume each from what it sees (or crash untyped)",
         (RESTART + "::test_a_job_restarted_in_place_resumes_on_every_node[2-clean-sync-False]",),
+    ),
+    # -- operator mistakes and deployments -----------------------------------------------------------
+    Mutant(
+        "manager.unranked-best-prunes",
+        "manager.py",
+        "            if not ranked:  # a metric no checkpoint carries",
+        "            if False:  # a metric no checkpoint carries",
+        "keep_best by a misspelt metric deletes the best checkpoints, silently",
+        (DEPLOY + "::test_keep_best_by_a_metric_no_checkpoint_carries_deletes_nothing_and_says_so_once",),
+    ),
+    Mutant(
+        "manager.copied-run-starts-afresh",
+        "manager.py",
+        "        if len(runs) == 1:\n",
+        "        if False:\n",
+        "a run directory copied under another name starts from scratch",
+        (DEPLOY + "::test_a_run_directory_copied_under_another_name_continues_that_run",),
+    ),
+    Mutant(
+        "manager.several-runs-guessed",
+        "manager.py",
+        "        if not runs or own in runs:",
+        "        if True:",
+        "a directory of several runs, none of this name, silently starts another",
+        (DEPLOY + "::test_a_run_directory_copied_under_another_name_continues_that_run",),
+    ),
+    Mutant(
+        "layout.moved-copy-resumes-without-trainer-state",
+        "layout.py",
+        "replace(sidecars, moved=False) if resume else sidecars",
+        "sidecars",
+        "a moved run resumes with a fresh optimizer, step and RNG when its trainer state is missing",
+        (DEPLOY + "::test_a_moved_run_without_its_trainer_state_is_not_resumed_fresh",),
+    ),
+    Mutant(
+        "storage.bucket-created",
+        "storage.py",
+        "        if not self._check_bucket(parent):",
+        "        if True:",
+        "a misspelt bucket is created (or fails with a message that does not say it is missing)",
+        (DEPLOY + "::test_a_misspelt_bucket_is_a_typed_error_and_never_created",),
+    ),
+    Mutant(
+        "upload.superseded-failure-raised",
+        "upload.py",
+        "        moot = [j for j in failed if newest is not None and j.seq < newest.seq]",
+        "        moot = []",
+        "close() fails for a checkpoint a newer uploaded one superseded",
+        (DEPLOY + "::test_close_does_not_fail_for_an_upload_a_newer_one_superseded",),
+    ),
+    Mutant(
+        "upload.silent-wait",
+        "upload.py",
+        "                if report and now - said >= WAIT_REPORT_S:",
+        "                if False:",
+        "close() blocks silently through a store outage",
+        (DEPLOY + "::test_close_says_what_it_waits_for_while_the_store_is_down",),
+    ),
+    Mutant(
+        "upload.vanished-counted-superseded",
+        "upload.py",
+        "if not os.path.exists(local) and self._superseded(job):",
+        "if not os.path.exists(local):",
+        "a local file gone before its upload counts as superseded: the checkpoint never reaches the store, silently",
+        (DEPLOY + "::test_a_local_file_gone_before_its_upload_fails_close",),
+    ),
+    Mutant(
+        "mirror.newest-prefers-remote",
+        "mirror.py",
+        "    return max(found, key=lambda f: f[:2])[2] if found else None",
+        "    return found[-1][2] if found else None",
+        "a resume takes the remote copy while a newer local one exists: an upload lagging behind goes back in time",
+        (DEPLOY + "::test_a_resume_takes_the_newest_copy_when_uploads_lag_behind",),
+    ),
+    Mutant(
+        "tools.export-without-manifest-architecture",
+        "tools.py",
+        '        if record is not None and name.endswith(".safetensors"):',
+        '        if False and record is not None and name.endswith(".safetensors"):',
+        "an export of a checkpoint whose architecture is in its run's manifest cannot be instantiated on its own",
+        (DEPLOY + "::test_an_export_carries_the_architecture_its_run_manifest_names",),
     ),
     Mutant(
         "sharded.copy-skips-a-modules-own-loading",

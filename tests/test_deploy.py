@@ -198,3 +198,87 @@ def test_a_local_file_gone_before_its_upload_fails_close(tmp_path, arch, policy,
     gate.set()
     with pytest.raises(ckptio.UploadError, match=r"run\.e00000001"):
         ckpt.close()
+
+
+def test_a_resume_takes_the_newest_copy_when_uploads_lag_behind(tmp_path, arch, policy, env_meta, monkeypatch):
+    remote = _memory_remote()
+    _failing_for(monkeypatch, ".e00000002.")  # the store holds epoch 1; the local disk 1 and 2
+    cfg = ckptio.CheckpointConfig(remote_uri=remote, upload_retries=0)
+    ckpt = ckptio.Checkpointer(str(tmp_path / "run"), arch, cfg)
+    ckpt.save(policy, 1, force=True)
+    ckpt.uploader.wait()
+    ckpt.save({k: v + 1 for k, v in policy.state_dict().items()}, 2, force=True)
+    with pytest.raises(ckptio.UploadError):
+        ckpt.close()
+    monkeypatch.undo()
+    assert _epochs(remote) == [1]
+    again = ckptio.Checkpointer(str(tmp_path / "run"), arch, cfg)
+    resumed = again.load_or_create_policy(env_meta)
+    assert again.resumed_from.epoch == 2 and again.resumed_from.uri.startswith(str(tmp_path))  # never back in time
+    assert torch.equal(resumed.state_dict()["head.bias"], policy.state_dict()["head.bias"] + 1)
+    again.close()
+    elsewhere = ckptio.Checkpointer(str(tmp_path / "other-node"), arch, cfg)  # a disk without it: the store's copy
+    elsewhere.load_or_create_policy(env_meta)
+    assert elsewhere.resumed_from.epoch == 1 and elsewhere.resumed_from.uri.startswith("memory://")
+    elsewhere.close()
+
+
+def test_an_export_carries_the_architecture_its_run_manifest_names(tmp_path, arch, policy, env_meta):
+    manager = ckptio.CheckpointManager(str(tmp_path / "run"))
+    manager.ensure_manifest(arch)
+    weights = manager.save_checkpoint(policy, 1).uri  # the architecture is in the manifest, not the header
+    copy = ckptio.export(weights, str(tmp_path / "shared" / "policy.safetensors"))
+    shutil.rmtree(tmp_path / "run")  # the copy stands alone
+    module = ckptio.load_from_uri(copy, allow=["archs"]).instantiate(env_meta)
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in policy.state_dict().items())
+
+
+# ---- preemption: SIGTERM ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("handled", [True, False])
+def test_sigterm_right_after_an_async_save_finishes_it_and_its_upload_then_ends_the_process(s3, tmp_path, handled):
+    import json
+    import signal
+    import subprocess
+    import threading
+
+    from conftest import PYTHON, REPO_ROOT, subprocess_env
+
+    remote = f"s3://{s3.make_bucket()}/run"
+    go = tmp_path / "go"
+    cmd = [PYTHON, "-m", "sigterm_job", str(tmp_path / "run"), remote, json.dumps(s3.options()), str(go)]
+    proc = subprocess.Popen(
+        [*cmd, *([] if handled else ["--leave-sigterm-alone"])], cwd=REPO_ROOT, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        seen = []
+        for line in proc.stdout:  # until the save returned and its upload is held
+            seen.append(line)
+            if "UPLOADING" in line and any("SAVED" in s for s in seen):
+                break
+        assert any("SAVED" in s for s in seen), seen
+        proc.send_signal(signal.SIGTERM)
+        if handled:  # the handler is finishing: let the network through
+            finishing = threading.Event()
+
+            def watch():
+                for line in proc.stderr:
+                    if "SIGTERM: finishing" in line:
+                        finishing.set()
+
+            threading.Thread(target=watch, daemon=True).start()
+            assert finishing.wait(timeout=60)
+        else:
+            proc.wait(timeout=60)
+        go.touch()
+        assert proc.wait(timeout=60) == -signal.SIGTERM  # ended as the signal would have
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _epochs(tmp_path / "run") == [1]
+    assert all(r.ok for r in ckptio.verify(str(tmp_path / "run")))
+    assert _epochs(remote, storage_options=s3.options()) == ([1] if handled else [])
+    if handled:
+        assert all(r.ok for r in ckptio.verify(remote, storage_options=s3.options()))
