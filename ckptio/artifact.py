@@ -90,6 +90,28 @@ def _shared_groups(module: torch.nn.Module) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def _fitted(
+    module: torch.nn.Module, sd: Mapping[str, torch.Tensor], groups: list[list[str]]
+) -> Mapping[str, torch.Tensor]:
+    """``sd`` as ``module`` takes it. Each tensor in the module's own dtype, as load_state_dict's copy gives it
+    (so building on meta with assign=True gives the same module as the copying path). A tie stored once under
+    one of its names (safetensors' save_model stores it so, without saying which) filled in under the others."""
+    out: dict[str, torch.Tensor] | None = None
+    for names in groups:
+        present = next((n for n in names if n in sd), None)
+        if present is not None and any(n not in sd for n in names):
+            out = dict(sd) if out is None else out
+            for n in names:
+                out.setdefault(n, sd[present])
+    expected = module.state_dict(keep_vars=True)
+    for key, t in (out or sd).items():
+        own = expected.get(key)
+        if own is not None and t.dtype != own.dtype:
+            out = dict(sd) if out is None else out
+            out[key] = t.to(own.dtype)
+    return sd if out is None else out
+
+
 def _retie(module: torch.nn.Module, groups: list[list[str]]) -> None:
     # load_state_dict(assign=True) wraps each key in its own Parameter, which unties weights.
     for names in groups:
@@ -224,9 +246,10 @@ class PolicyArtifact:
         except Exception:
             module = None
         if module is not None:
-            self._check(module, sd, strict)
             groups = _shared_groups(module)
-            module.load_state_dict(sd, strict=strict, assign=True)
+            fitted = _fitted(module, sd, groups)
+            self._check(module, fitted, strict)
+            module.load_state_dict(fitted, strict=strict, assign=True)
             _retie(module, groups)
             if not _has_meta(module):
                 return module
@@ -237,8 +260,9 @@ class PolicyArtifact:
             raise ArchitectureError(
                 f"{self.source}: make_policy returned {type(module).__name__}, not a torch.nn.Module"
             )
-        self._check(module, sd, strict)
-        module.load_state_dict(sd, strict=strict)
+        fitted = _fitted(module, sd, _shared_groups(module))
+        self._check(module, fitted, strict)
+        module.load_state_dict(fitted, strict=strict)
         return module
 
     def _check(self, module: torch.nn.Module, sd: Mapping[str, torch.Tensor], strict: bool) -> None:

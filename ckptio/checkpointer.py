@@ -43,6 +43,7 @@ from .layout import (
     checkpoint_at,
     load_checkpoint,
     state_dict_of,
+    tied_names,
 )
 from .manager import CheckpointManager
 from .mirror import RemoteMirror, newest
@@ -372,6 +373,7 @@ class Checkpointer:
                 snapshot,
                 ahead=self.config.shard_tensors_ahead,
                 batch_bytes=self.config.shard_batch_bytes,
+                ties=tied_names(policy),
             )
             retain = self._retain if self.rank.is_master else None
             self.saves.save(unit.write, self._write, background=background, after=retain)

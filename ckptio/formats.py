@@ -48,9 +48,11 @@ from .errors import (
     CorruptCheckpointError,
 )
 from .storage import covers, merge_ranges, write_all
+from .version import __version__
 
 __all__ = [
     "FORMAT_VERSION",
+    "check_format_version",
     "SafetensorsHeader",
     "WRITER_KEYS",
     "alias_key",
@@ -72,7 +74,25 @@ __all__ = [
     "write_safetensors",
 ]
 
+# The checkpoint format: headers carry it as ``ckptio.format``, run manifests as ``ckptio_format``. It goes up
+# when an older ckptio would misread a file of the new layout or read it incompletely without noticing (a new file
+# a checkpoint cannot do without, a key whose meaning changes, sidecars found another way); additions an older
+# reader safely ignores (a new optional key) keep it. Every older format keeps loading; a newer one is refused.
 FORMAT_VERSION = "1"
+
+
+def check_format_version(value: Any, source: str) -> None:
+    """CheckpointFormatError unless ``value`` (a file's format number) is one this ckptio reads."""
+    text = str(value)
+    if not text.isdigit():
+        raise CorruptCheckpointError(f"{source}: invalid ckptio format number {text[:40]!r}")
+    if int(text) > int(FORMAT_VERSION):
+        raise CheckpointFormatError(
+            f"{source}: written in ckptio checkpoint format {text} by a newer ckptio; this ckptio ({__version__}) "
+            f"reads format {FORMAT_VERSION} and older: upgrade ckptio (pip install --upgrade ckptio)"
+        )
+
+
 MAX_HEADER_BYTES = 100_000_000  # the safetensors reference implementation's bound, to the byte
 _CHUNK = 64 * 1024 * 1024
 
@@ -214,8 +234,12 @@ def _prepare(
     for key, t in tensors.items():
         if not isinstance(key, str):
             raise CheckpointFormatError(f"state dict key {key!r} is not a string")
-        if isinstance(t, LazyTensor):
+        if isinstance(t, LazyTensor):  # one lazy tensor under several keys: a tie, found by the sharded save
             _dtype_name(t, key)
+            if ("lazy", id(t)) in seen:
+                aliases[key] = seen[("lazy", id(t))]
+                continue
+            seen[("lazy", id(t))] = key
             stored[key] = t
             continue
         if not isinstance(t, torch.Tensor):
@@ -523,6 +547,8 @@ def read_header(f: IO[bytes], file_size: int, source: str) -> SafetensorsHeader:
         metadata = {}
     elif type(metadata) is not dict or not all(type(v) is str for v in metadata.values()):
         raise bad("__metadata__ must map strings to strings")
+    if "ckptio.format" in metadata:
+        check_format_version(metadata["ckptio.format"], source)
     data_size = file_size - 8 - n
     entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
     spans: list[tuple[int, int, str]] = []

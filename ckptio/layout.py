@@ -42,11 +42,13 @@ from .errors import (
     InvalidArgumentError,
 )
 from .formats import (
+    FORMAT_VERSION,
     MAX_HEADER_BYTES,
     ChunkDigests,
     PartialTensors,
     SafetensorsHeader,
     block_ranges,
+    check_format_version,
     chunk_digests,
     crc32_hex,
     file_size,
@@ -88,6 +90,8 @@ __all__ = [
     "read_pt_training_state",
     "read_trainer_state",
     "state_dict_of",
+    "tied_names",
+    "check_manifest_format",
     "write_checkpoint",
     "wanted_ranges",
     "weights_name",
@@ -260,6 +264,23 @@ def canonical_name(name: str) -> str:
 def named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The model's parameters by canonical name (the names its saved state and optimizer state use)."""
     return {canonical_name(n): p for n, p in unwrap_module(model).named_parameters()}
+
+
+def tied_names(policy: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{alias: name}`` of a module's tied parameters and buffers (one object under several names; the first
+    name, in state-dict order, is the one stored), by canonical name; none for a state dict."""
+    if not isinstance(policy, torch.nn.Module):
+        return {}
+    module = unwrap_module(policy)
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)):
+        name = canonical_name(name)
+        if id(t) in first:
+            out[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return out
 
 
 def state_dict_of(policy: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -607,8 +628,20 @@ def architecture_record(storage: Storage, weights: str, metadata: Mapping[str, s
     for name in (MANIFEST_NAME, base_of(weights) + LEGACY_ARCH_SUFFIX):
         data = _read_optional(storage, name)
         if data is not None:
+            if name == MANIFEST_NAME:
+                check_manifest_format(data, storage.url(name))
             return storage.url(name), data
     return None
+
+
+def check_manifest_format(raw: bytes | str, source: str) -> None:
+    """CheckpointFormatError for a run manifest of a newer format (its JSON, unparseable, is its reader's to report)."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return
+    if isinstance(doc, dict) and "ckptio_format" in doc:
+        check_format_version(doc["ckptio_format"], source)
 
 
 def resolve_architecture(
@@ -922,6 +955,7 @@ def delete_checkpoint(storage: Storage, name: str, listing: list[str] | None = N
 def manifest_payload(architecture_json: Mapping[str, Any], version: str) -> bytes:
     doc = dict(architecture_json)
     doc["ckptio_version"] = version
+    doc["ckptio_format"] = FORMAT_VERSION
     doc["created_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
     return json.dumps(doc, indent=1, sort_keys=True).encode()
 

@@ -37,6 +37,7 @@ from .layout import (
     SavedCheckpoint,
     check_epoch,
     check_format,
+    check_manifest_format,
     checkpoint_of,
     delete_checkpoint,
     fetch_local,
@@ -359,6 +360,7 @@ class CheckpointManager:
             existing = json.loads(existing_raw)
         except ValueError as e:
             raise ArchitectureError(f"{target}: manifest is not valid JSON: {e}") from None
+        check_manifest_format(existing_raw, target)
         if not isinstance(existing, dict) or not architectures_equal(existing, arch_json):
             shown = {k: existing.get(k) for k in ("class_path", "config")} if isinstance(existing, dict) else existing
             raise ArchitectureError(

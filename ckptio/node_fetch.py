@@ -159,11 +159,14 @@ def _share(
 ) -> None:
     """Node ``me``'s fetching rank: send each other node its parts of this node's pieces, receive and cache its own."""
     owned = [[p for p in pieces if p.owner == k] for k in range(len(fetchers))]
-    sends = {
-        fetchers[n]: [memoryview(data[p])[b - p.begin : e - p.begin] for p, b, e in _parts(owned[me], need, n)]
-        for n in range(len(fetchers))
-        if n != me
-    }
+    sends: dict[int, list[memoryview]] = {}
+    views: dict[tuple[tuple[Piece, int, int], ...], list[memoryview]] = {}  # nodes lacking the same parts share them
+    for n in range(len(fetchers)):
+        if n != me:
+            parts = tuple(_parts(owned[me], need, n))
+            if parts not in views:
+                views[parts] = [memoryview(data[p])[b - p.begin : e - p.begin] for p, b, e in parts]
+            sends[fetchers[n]] = views[parts]
     incoming = {k: _parts(owned[k], need, me) for k in range(len(fetchers)) if k != me}
     got = ranks.exchange(sends, {fetchers[k]: sum(e - b for _, b, e in parts) for k, parts in incoming.items()})
     by_file: dict[str, list[tuple[int, bytes | memoryview]]] = {}

@@ -186,11 +186,12 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return obj if dist.get_rank() == src else pickle.loads(data.numpy().tobytes())
 
 
-def exchange(sends: Mapping[int, Sequence[bytes | memoryview]], sizes: Mapping[int, int]) -> dict[int, bytes]:
+def exchange(sends: Mapping[int, Sequence[bytes | memoryview]], sizes: Mapping[int, int]) -> dict[int, memoryview]:
     """Point-to-point on the gloo group: the parts in ``sends[r]`` to rank ``r``; ``sizes[r]`` bytes from rank ``r``.
 
     Both sides know every message's size (they plan it from the same facts), so no size travels
-    first. Returns what arrived, by sender.
+    first. Returns what arrived, by sender. Ranks given the same list of parts (a replicated resume:
+    every node lacks the same bytes) share one send buffer.
     """
     group = _group()
     works, received = [], {}
@@ -199,20 +200,23 @@ def exchange(sends: Mapping[int, Sequence[bytes | memoryview]], sizes: Mapping[i
             buf = torch.empty(n, dtype=torch.uint8)
             works.append(dist.irecv(buf, src=src, group=group))
             received[src] = buf
+    packed: dict[int, torch.Tensor] = {}
     for dst, parts in sends.items():
         n = sum(len(p) for p in parts)
         if n:
-            buf = torch.empty(n, dtype=torch.uint8)
-            view, at = memoryview(buf.numpy()), 0
-            for part in parts:
-                view[at : at + len(part)] = part
-                at += len(part)
+            buf = packed.get(id(parts))  # the same list for several ranks: packed once
+            if buf is None:
+                buf = packed[id(parts)] = torch.empty(n, dtype=torch.uint8)
+                view, at = memoryview(buf.numpy()), 0
+                for part in parts:
+                    view[at : at + len(part)] = part
+                    at += len(part)
             works.append(dist.isend(buf, dst=dst, group=group))
     for work in works:
         work.wait()
     # point-to-point work is waited on, and released, on this thread (unlike a collective's, see Handoff)
     del works
-    return {src: buf.numpy().tobytes() for src, buf in received.items()}
+    return {src: memoryview(buf.numpy()) for src, buf in received.items()}
 
 
 def _for_others(error: BaseException, rank: int) -> BaseException:

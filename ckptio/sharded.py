@@ -20,7 +20,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -446,7 +446,13 @@ class ShardedSave:
         *,
         ahead: int = 2,
         batch_bytes: int = 0,
+        ties: Mapping[str, str] | None = None,
     ):
+        # a tie is gathered and stored once, under its first name, the others aliases of it (as an unsharded save
+        # stores it): every rank leaves the same names out of the plan, as the module's structure names them
+        self.ties = {a: n for a, n in (ties or {}).items() if a in job.weights and n in job.weights}
+        if self.ties:
+            job = replace(job, weights={k: v for k, v in job.weights.items() if k not in self.ties})
         self.ahead = ahead  # tensors the master gathers ahead of its writer: its RAM is at most ahead + 1 of them
         self.batch_bytes = batch_bytes  # small tensors travel together, this many bytes of them at most
         target = job.checkpoint.uri
@@ -495,7 +501,9 @@ class ShardedSave:
             job = self.job
             lazy = functools.partial(self._gather.lazy, ahead=self.ahead, batch_bytes=self.batch_bytes)
             trainer = (lazy("t", job.trainer[0]), job.trainer[1]) if job.trainer is not None else None
-            write(PendingSave(job.checkpoint, lazy("w", job.weights), job.metrics, trainer))
+            weights = lazy("w", job.weights)
+            weights.update({alias: weights[name] for alias, name in self.ties.items()})
+            write(PendingSave(job.checkpoint, weights, job.metrics, trainer))
             ok = True
         finally:
             try:

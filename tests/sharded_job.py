@@ -1,6 +1,6 @@
 """A sharded training job under torchrun (gloo, CPU): FSDP2, tensor parallel, or both on a 2-D mesh.
 
-    sharded_job.py RUN_DIR OUT_DIR --mode fsdp|tp|2d|plain --epochs N [--async] [--load into|policy]
+    sharded_job.py RUN_DIR OUT_DIR --mode fsdp|tp|2d|plain --epochs N [--async] [--load into|policy] [--tied]
 
 Trains a few Adam steps per epoch and saves every epoch with ckptio (weights and optimizer). Rank 0
 writes torch's own view of the result beside it, for the tests to compare against:
@@ -42,7 +42,8 @@ def shard(model: torch.nn.Module, mode: str, world: int) -> torch.nn.Module:
         return model
     if mode == "fsdp":
         mesh = init_device_mesh("cpu", (world,))
-        for layer in (model.embed, model.body, model.head):
+        tied = [model.tied_out] if hasattr(model, "tied_out") else []  # a tie lives in one FSDP group
+        for layer in (model.embed, [model.body, *tied], model.head):
             fully_shard(layer, mesh=mesh)
         return fully_shard(model, mesh=mesh)
     if mode == "tp":
@@ -80,13 +81,14 @@ def main() -> int:
     )
     p.add_argument("--shard-timeout", type=float, default=60.0)
     p.add_argument("--batch-bytes", type=int, help="CheckpointConfig.shard_batch_bytes (default: its default)")
+    p.add_argument("--tied", action="store_true", help="a model with tied weights (MLPArch(tied=True))")
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     os.makedirs(args.out, exist_ok=True)
     if rank != 0:
         _forbid(args.run_dir)  # only the master touches the run directory: any other rank's write fails the job
-    arch = MLPArch(hidden=16)
+    arch = MLPArch(hidden=16, tied=args.tied)
     config = ckptio.CheckpointConfig(async_save=args.async_, shard_timeout_s=args.shard_timeout)
     if args.batch_bytes is not None:
         config.shard_batch_bytes = args.batch_bytes

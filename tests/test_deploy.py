@@ -3,6 +3,7 @@ bucket, an outage across the end of a job, SIGTERM. Each test here failed before
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
@@ -282,3 +283,109 @@ def test_sigterm_right_after_an_async_save_finishes_it_and_its_upload_then_ends_
     assert _epochs(remote, storage_options=s3.options()) == ([1] if handled else [])
     if handled:
         assert all(r.ok for r in ckptio.verify(remote, storage_options=s3.options()))
+
+
+# ---- what a load builds: dtypes, ties -----------------------------------------------------------
+
+
+def test_instantiate_gives_the_architectures_dtype_on_both_paths(tmp_path, env_meta):
+    from archs import MLPArch, NonPersistentArch
+
+    for arch in (MLPArch(), NonPersistentArch()):  # built on meta and assigned; built for real and copied into
+        torch.manual_seed(0)
+        saved = arch.make_policy(env_meta).to(torch.bfloat16)
+        run = tmp_path / type(arch).__name__
+        uri = ckptio.CheckpointManager(str(run)).save_checkpoint(saved, 1, policy_architecture=arch).uri
+        built = ckptio.load_from_uri(uri, allow=["archs"]).instantiate(env_meta)
+        reference = arch.make_policy(env_meta)
+        reference.load_state_dict(saved.state_dict())  # what torch's own load gives: the module's dtype
+        assert {k: v.dtype for k, v in built.state_dict().items()} == {
+            k: v.dtype for k, v in reference.state_dict().items()
+        }, type(arch).__name__
+        assert all(torch.equal(built.state_dict()[k], v) for k, v in reference.state_dict().items())
+
+
+def test_a_file_written_by_stock_save_model_instantiates_with_its_tie_restored(tmp_path, env_meta):
+    from archs import MLPArch
+    from safetensors.torch import load_model, save_model
+
+    torch.manual_seed(0)
+    tied = MLPArch(tied=True).make_policy(env_meta)
+    path = str(tmp_path / "tied.safetensors")
+    save_model(tied, path)  # the tie stored once, under a name of its choosing, without ckptio's metadata
+    module = ckptio.load_from_uri(path).instantiate(env_meta, policy_architecture=MLPArch(tied=True))
+    reference = MLPArch(tied=True).make_policy(env_meta)
+    load_model(reference, path)
+    assert module.tied_out.weight is module.body.weight
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in reference.state_dict().items())
+
+
+@pytest.mark.slow
+def test_a_tied_model_saves_one_file_sharded_or_not(tmp_path, env_meta):
+    from archs import MLPArch
+    from conftest import run_torchrun
+    from safetensors import safe_open
+    from safetensors.torch import load_file, load_model
+
+    run_torchrun("sharded_job", str(tmp_path / "run"), str(tmp_path / "out"), "--mode", "fsdp", "--epochs", "1",
+                 "--tied", timeout=180)  # fmt: skip
+    sharded = str(tmp_path / "run" / "checkpoints" / "run.e00000000.safetensors")
+    reference = load_file(str(tmp_path / "out" / "ref.e0.safetensors"))  # torch's full state dict
+    arch = MLPArch(hidden=16, tied=True)
+    model = arch.make_policy({"obs_dim": 8, "num_actions": 4})
+    model.load_state_dict(reference, strict=False)
+    plain = ckptio.CheckpointManager(str(tmp_path / "plain")).save_checkpoint(model, 0).uri
+    with safe_open(sharded, "pt") as a, safe_open(plain, "pt") as b:  # the tie stored once, alike
+        assert sorted(a.keys()) == sorted(b.keys()) and "tied_out.weight" not in a.keys()
+        assert json.loads(a.metadata()["ckptio.aliases"]) == json.loads(b.metadata()["ckptio.aliases"])
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    for path in (sharded, plain):  # the stock load path for tied models, and ckptio's, on both
+        stock = arch.make_policy({"obs_dim": 8, "num_actions": 4})
+        load_model(stock, path)
+        built = ckptio.load_from_uri(path).instantiate({"obs_dim": 8, "num_actions": 4}, policy_architecture=arch)
+        assert built.tied_out.weight is built.body.weight
+        for k, v in stock.state_dict().items():
+            assert torch.equal(built.state_dict()[k], v) and torch.equal(v, model.state_dict()[k]), (path, k)
+
+
+# ---- formats and versions -----------------------------------------------------------------------
+
+FORMAT1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "format1", "run")  # written by 0.1.0
+
+
+def test_checkpoints_of_format_1_kept_in_the_tests_keep_loading_and_resuming(tmp_path, env_meta):
+    from archs import MLPArch
+
+    run = shutil.copytree(FORMAT1, tmp_path / "run")
+    assert all(r.ok for r in ckptio.verify(str(run)))
+    with ckptio.Checkpointer(str(run), MLPArch(hidden=4)) as ckpt:
+        policy = ckpt.load_or_create_policy(env_meta)
+        opt = torch.optim.Adam(policy.parameters())
+        ckpt.load_optimizer(policy, opt)
+        assert ckpt.resumed_from.epoch == 3 and ckpt.trainer_state == {"step": 7}
+        assert all(int(s["step"]) == 1 for s in opt.state.values()) and len(opt.state) == 6
+    loaded = ckptio.load_from_uri(str(run), allow=["archs"])
+    assert loaded.training_metrics == {"reward": 0.5}
+    assert all(torch.equal(loaded.instantiate(env_meta).state_dict()[k], v) for k, v in policy.state_dict().items())
+
+
+def test_a_newer_format_is_refused_naming_the_version_and_the_upgrade(tmp_path, policy, env_meta):
+    from archs import MLPArch
+    from safetensors.torch import save_file
+
+    newer = str(tmp_path / "newer.safetensors")
+    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, newer, {"ckptio.format": "2"})
+    refused = r"format 2 by a newer ckptio; this ckptio \(0\.1\.0\) reads format 1 and older: upgrade ckptio"
+    with pytest.raises(ckptio.CheckpointFormatError, match=refused):
+        ckptio.load_from_uri(newer)
+    assert not all(r.ok for r in ckptio.verify(newer))
+    run = shutil.copytree(FORMAT1, tmp_path / "run")
+    manifest = run / "checkpoints" / "model_architecture.json"
+    doc = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**doc, "ckptio_version": "9.0.0"}))  # a newer ckptio, the same format: read
+    with ckptio.Checkpointer(str(run), MLPArch(hidden=4)) as ckpt:
+        ckpt.load_or_create_policy(env_meta)
+        assert ckpt.resumed_from.epoch == 3
+    manifest.write_text(json.dumps({**doc, "ckptio_version": "9.0.0", "ckptio_format": "2"}))
+    with pytest.raises(ckptio.CheckpointFormatError, match="model_architecture.json: .*" + refused):
+        ckptio.Checkpointer(str(run), MLPArch(hidden=4)).load_or_create_policy(env_meta)
