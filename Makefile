@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.ckptio-installed
 
-.PHONY: venv demo test lint format bench bench-quick stress mutate clean
+.PHONY: venv demo test lint format docs bench bench-quick stress mutate clean
 
 venv: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml ckptio/version.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,docs]'
 	touch $@
 
 demo: $(STAMP)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n auto -q
+
+# the documentation site (docs/, mkdocs.yml) into site/, strict: a broken link, reference or docstring fails it
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -44,4 +48,4 @@ mutate: $(STAMP)
 	$(PY) tests/mutate.py
 
 clean:
-	rm -rf runs bench-out .pytest_cache
+	rm -rf runs bench-out .pytest_cache site

@@ -193,8 +193,8 @@ def test_a_local_file_gone_before_its_upload_fails_close(tmp_path, arch, policy,
     gate, started = gate_uploads(monkeypatch)
     cfg = ckptio.CheckpointConfig(remote_uri=_memory_remote(), upload_retries=0)
     ckpt = ckptio.Checkpointer(str(tmp_path / "run"), arch, cfg)
-    uri = ckpt.save(policy, 1, force=True)
-    assert started.wait(timeout=60)  # its first file is under upload; the weights come last
+    uri = ckpt.save(policy, 1, {"loss": 1.0}, force=True)
+    assert started.wait(timeout=60)  # its metrics are under upload; the weights come last
     os.unlink(uri)
     gate.set()
     with pytest.raises(ckptio.UploadError, match=r"run\.e00000001"):
