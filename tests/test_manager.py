@@ -188,9 +188,10 @@ def test_keep_best_skips_checkpoints_without_the_metric_or_with_damaged_metrics(
     """Retention by a metric never fails a save: saves without it are kept by the other rules, damaged ones warned about."""
     run = tmp_path / "r"
     mgr = ckptio.CheckpointManager(str(run), keep_best=("score", "max", 1))
-    mgr.save_agent(policy, 0)  # no metrics yet: nothing to rank, nothing to fail on
-    mgr.save_agent(policy, 1, {"loss": 1.0})
-    assert [i.epoch for i in mgr.list_checkpoints()] == [1]  # the newest stays; nothing else ranks
+    with pytest.warns(ckptio.CheckpointWarning, match="'score', which no checkpoint"):
+        mgr.save_agent(policy, 0)  # no metrics yet: nothing to rank, nothing to fail on
+        mgr.save_agent(policy, 1, {"loss": 1.0})
+    assert [i.epoch for i in mgr.list_checkpoints()] == [0, 1]  # nothing ranks yet: nothing is deleted
     mgr.save_agent(policy, 2, {"score": 9.0})
     mgr.save_agent(policy, 3, {"score": 1.0})
     metrics = next(n for n in os.listdir(run / "checkpoints") if ".e00000003." in n and n.endswith(".json"))
