@@ -841,8 +841,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "checkpointer.ranges-on-one-node",
         "checkpointer.py",
-        "and self.rank.local_world_size < self.rank.world_size",
-        "and self.rank.local_world_size <= self.rank.world_size",
+        "several_nodes = self.rank.local_world_size < self.rank.world_size",
+        "several_nodes = self.rank.local_world_size <= self.rank.world_size",
         "a single node fetches many ranges rather than one whole download",
         (NODES + "::test_one_node_downloads_each_file_whole_once",),
     ),
