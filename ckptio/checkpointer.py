@@ -281,14 +281,21 @@ class Checkpointer:
         self._load_optimizer(model, optimizer, self.resumed_from.uri)
 
     def _load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, source: str) -> None:
-        if self._saved_optimizer is None:
-            if isinstance(self.trainer_state, Mapping) and "optimizer" in self.trainer_state:
+        saved = self._saved_optimizer
+        if saved is None and isinstance(self.trainer_state, Mapping) and "optimizer" in self.trainer_state:
+            saved = self.trainer_state["optimizer"]  # a .pt training checkpoint's
+            state = saved.get("state") if isinstance(saved, Mapping) else None
+            if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+                # torch's optimizer.state_dict() keys it by parameter index: only this optimizer's own load fits it
                 raise CheckpointError(
-                    f"{source}: a .pt training checkpoint, whose optimizer state is keyed by parameter index: "
-                    "restore it with optimizer.load_state_dict(ckpt.trainer_state['optimizer'])"
+                    f"{source}: a .pt training checkpoint, whose optimizer state is keyed by parameter index: restore "
+                    "it with optimizer.load_state_dict(ckpt.trainer_state['optimizer']) on an unsharded model (a "
+                    "sharded one needs it keyed by parameter name, as torch's get_optimizer_state_dict gives it)"
                 )
+            # keyed by parameter name (torch.distributed.checkpoint's form, e.g. converted from DCP): as ckptio's own
+        if saved is None:
             raise CheckpointError(f"{source}: holds no optimizer state (it was saved without save(..., optimizer=))")
-        _sharded().load_optimizer_state(model, optimizer, self._saved_optimizer, source)
+        _sharded().load_optimizer_state(model, optimizer, saved, source)
 
     def _resumed(self, info: CheckpointInfo) -> None:
         self.resumed_from = info

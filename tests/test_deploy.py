@@ -389,3 +389,29 @@ def test_a_newer_format_is_refused_naming_the_version_and_the_upgrade(tmp_path, 
     manifest.write_text(json.dumps({**doc, "ckptio_version": "9.0.0", "ckptio_format": "2"}))
     with pytest.raises(ckptio.CheckpointFormatError, match="model_architecture.json: .*" + refused):
         ckptio.Checkpointer(str(run), MLPArch(hidden=4)).load_or_create_policy(env_meta)
+
+
+def test_a_pt_training_checkpoint_with_an_optimizer_keyed_by_name_resumes_it(tmp_path, arch, env_meta):
+    """Such as torch's dcp_to_torch_save gives (DCP keys the optimizer by parameter name): restored like ckptio's own."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = arch.make_policy(env_meta)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(2, env_meta["obs_dim"])).sum().backward()
+    opt.step()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    named = get_optimizer_state_dict(model, opt)
+    torch.save({"model": model.state_dict(), "optimizer": named, "epoch": 3}, checkpoints / "run:v3.pt")
+    fresh = arch.make_policy(env_meta)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    assert ckptio.Checkpointer(str(tmp_path / "run"), arch).load_into(fresh, fresh_opt)
+    want, got = opt.state_dict(), fresh_opt.state_dict()
+    assert want["state"].keys() == got["state"].keys() and len(want["state"]) == 6
+    for i, state in want["state"].items():
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(got["state"][i][k])) for k, v in state.items())
+    # keyed by index, as optimizer.state_dict() gives it: the error says what to call, and for which model
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 4}, checkpoints / "run:v4.pt")
+    with pytest.raises(ckptio.CheckpointError, match=r"keyed by parameter index.*load_state_dict.*unsharded"):
+        ckptio.Checkpointer(str(tmp_path / "run"), arch).load_into(fresh, fresh_opt)
