@@ -11,6 +11,7 @@ Where each concern lives (data flows down this list, never up):
 - ``sharded``       DTensor state dicts: gathered to the master a tensor or a batch at a time, sliced per rank on load
 - ``manager``       CheckpointManager: one run's saves, manifest and retention
 - ``tools``         convert, export, inspect, verify (what the ``ckptio`` command runs; ``cli`` parses its arguments)
+- ``dcp``           torch.distributed.checkpoint directories: described, converted one tensor at a time
 - ``discovery``     URIs resolved, checkpoints listed, latest and best chosen, ``load_from_uri``
 - ``layout``        one checkpoint's files: names, commit order, sidecars, the manifest; reading them back
 - ``formats``       safetensors and .pt bytes: writer, strict reader, digests (whole and per chunk)

@@ -1,4 +1,4 @@
-"""The ``ckptio`` command: inspect, ls, convert and verify checkpoints at any URI."""
+"""The ``ckptio`` command: inspect, ls, convert, export and verify checkpoints at any URI (DCP ones too)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .dcp import architecture_arg
 from .discovery import list_checkpoints
 from .errors import CheckpointError, CheckpointNotFoundError
 from .tools import convert, export, inspect_checkpoint, verify
@@ -40,7 +41,9 @@ def _run(args: argparse.Namespace) -> int:
         for info in infos:
             print(f"{info.epoch}\t{info.format}\t{info.uri}")
     elif args.command == "convert":
-        print(convert(args.src, args.dst, trusted=args.trusted, storage_options=opts))
+        architecture = architecture_arg(args.architecture) if args.architecture else None
+        print(convert(args.src, args.dst, trusted=args.trusted, storage_options=opts, epoch=args.epoch,
+                      architecture=architecture, model_key=args.model_key))  # fmt: skip
     elif args.command == "export":
         print(export(args.src, args.dst, storage_options=opts))
     elif args.command == "verify":
@@ -63,17 +66,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser(
         "inspect",
         parents=[common],
-        help="print a checkpoint's format, epoch, tensors, bytes, metrics, architecture as JSON",
+        help="print a checkpoint's format, epoch, tensors, bytes, metrics, architecture as JSON (a DCP "
+        "directory: its keys, shapes, dtypes and bytes)",
     )
     p.add_argument("uri")
     p = sub.add_parser("ls", parents=[common], help="list a directory's checkpoints, oldest first")
     p.add_argument("uri")
     p = sub.add_parser(
-        "convert", parents=[common], help="rewrite a checkpoint as .safetensors or .pt (by DST's extension)"
+        "convert",
+        parents=[common],
+        help="rewrite a checkpoint as .safetensors or .pt (by DST's extension), a run into DST/, or a "
+        "torch.distributed.checkpoint directory into one .safetensors file or a run DST/ (streamed)",
     )
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--trusted", action="store_true", help="allow unpickling a whole module from a .pt you trust")
+    p.add_argument("--epoch", type=int, help="a DCP source: the epoch to name it (default: its own step, else 0)")
+    p.add_argument(
+        "--architecture",
+        help='a DCP source: the run\'s architecture, {"class_path": ..., "config": {...}} or a class path',
+    )
+    p.add_argument("--model-key", default="model", help="a DCP source: the top-level key of the model (default: model)")
     p = sub.add_parser(
         "export",
         parents=[common],

@@ -16,6 +16,7 @@ import torch
 
 from .architecture import architecture_to_json
 from .artifact import MockArchitecture
+from .dcp import convert_dcp, describe_dcp, is_dcp
 from .discovery import locate, resolve, scan
 from .errors import (
     CheckpointError,
@@ -136,14 +137,29 @@ def _converted(storage: Storage, name: str, trusted: bool) -> dict[str, Any]:
     }
 
 
-def convert(src: str, dst: str, *, trusted: bool = False, storage_options: Mapping[str, Any] | None = None) -> str:
+def convert(
+    src: str,
+    dst: str,
+    *,
+    trusted: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    epoch: int | None = None,
+    architecture: Mapping[str, Any] | None = None,
+    model_key: str = "model",
+) -> str:
     """Rewrite a checkpoint in the format named by ``dst``'s extension (.safetensors or .pt), or a run into ``dst/``.
 
     Copies the weights, metrics, epoch, trainer state (a .pt training checkpoint's optimizer too) and
     the architecture record as they are: the architecture's class is never imported. A ``dst``
     ending in ``/`` is a run directory: every checkpoint of ``src`` (a directory) is written there
     under ckptio's names, as safetensors, so ``ls``, ``verify`` and a ``Checkpointer`` find them.
+    A torch.distributed.checkpoint directory is streamed one tensor at a time (``ckptio.dcp.convert_dcp``:
+    ``epoch``, ``architecture`` and ``model_key`` apply to it).
     """
+    if is_dcp(src, storage_options):
+        return convert_dcp(
+            src, dst, epoch=epoch, architecture=architecture, model_key=model_key, storage_options=storage_options
+        )
     if dst.endswith("/"):
         return _convert_run(src, dst, trusted, storage_options)
     if not dst.endswith(WEIGHT_EXTENSIONS):
@@ -205,6 +221,8 @@ def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = Non
             "uri": uri, "format": "mock", "epoch": None, "tensor_count": 0, "total_bytes": 0, "dtypes": {},
             "metrics": None, "architecture": architecture_to_json(MockArchitecture()), "digest": None, "files": [],
         }  # fmt: skip
+    if is_dcp(uri, storage_options):
+        return describe_dcp(uri, storage_options)
     storage, name = locate(uri, storage_options)
     obj, metadata = read_weights(storage, name, mmap=None)
     tensors = state_dict_of(obj)

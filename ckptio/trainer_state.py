@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointFormatError, CorruptCheckpointError
+from .formats import LazyTensor
 
 __all__ = ["FlatTrainerState", "capture_rng_state", "flatten", "restore_rng_state", "unflatten"]
 
@@ -30,9 +31,10 @@ def flatten(tree: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # a F
     tensors: dict[str, torch.Tensor] = {}
 
     def enc(x: Any, path: str) -> Any:
-        if isinstance(x, torch.Tensor):
+        if isinstance(x, (torch.Tensor, LazyTensor)):  # a lazy one is read when the writer reaches it
             name = f"{len(tensors)}:{path}"  # the index keeps names unique whatever the keys contain
-            tensors[name] = x.detach() if x.requires_grad else x  # detach() is slow on DTensors; only cut autograd
+            # detach() is slow on DTensors; only cut autograd
+            tensors[name] = x.detach() if isinstance(x, torch.Tensor) and x.requires_grad else x
             return {"t": name}
         if isinstance(x, np.ndarray):
             name = f"{len(tensors)}:{path}"
