@@ -44,7 +44,7 @@ CLI, SHARDED, TORCHRUN, REFERENCE = (
     T + "test_reference.py",
 )
 RANGES, NODES = T + "test_ranges.py", T + "test_nodes.py"
-RESTART, DEPLOY = T + "test_restart.py", T + "test_deploy.py"
+RESTART, DEPLOY, DCP = T + "test_restart.py", T + "test_deploy.py", T + "test_dcp.py"
 AGREE = SHARDED + "::test_ranks_that_disagree_fail_together_within_seconds_and_write_nothing[2]"
 FAIL_TOGETHER = TORCHRUN + "::test_one_rank_failing_inside_a_collective_operation_stops_every_rank"
 MASTER_FAILS = TORCHRUN + "::test_a_failure_on_the_master_during_resume_reaches_every_rank"
@@ -1076,6 +1076,47 @@ MUTANTS: list[Mutant] = [
         "            pass",
         "SIGTERM right after an async save loses the checkpoint on the store",
         (DEPLOY + "::test_sigterm_right_after_an_async_save_finishes_it_and_its_upload_then_ends_the_process",),
+    ),
+    # -- DCP checkpoints in ---------------------------------------------------------------------------
+    Mutant(
+        "dcp.metadata-unpickled-with-full-trust",
+        "dcp.py",
+        "        if name in _DCP_CLASSES.get(module, ()) or (",
+        "        if True or name in _DCP_CLASSES.get(module, ()) or (",
+        "a DCP checkpoint's .metadata runs any code its pickle names",
+        (DCP + "::test_a_dcp_metadata_that_would_run_code_is_refused_and_never_runs",),
+    ),
+    Mutant(
+        "dcp.truncated-file-unchecked",
+        "dcp.py",
+        "            if size < end:",
+        "            if False:",
+        "a truncated .distcp is found only part-way through the conversion, not named as truncated up front",
+        (DCP + "::test_damaged_dcp_checkpoints_are_typed_errors_naming_the_file_and_nothing_is_written",),
+    ),
+    Mutant(
+        "dcp.uncovered-tensor-converted",
+        "dcp.py",
+        "            if covered != numel:",
+        "            if False:",
+        "a tensor whose chunks do not cover it converts with uninitialised memory in the gap",
+        (DCP + "::test_damaged_dcp_checkpoints_are_typed_errors_naming_the_file_and_nothing_is_written",),
+    ),
+    Mutant(
+        "dcp.optimizer-as-user-state",
+        "dcp.py",
+        '        elif top == optimizer_key and inner.startswith("state."):',
+        "        elif False:",
+        "a converted run's optimizer state lands in the user's trainer state: load_into cannot restore it",
+        (DCP + "::test_an_fsdp2_dcp_checkpoint_converts_bit_for_bit_and_resumes_at_other_world_sizes",),
+    ),
+    Mutant(
+        "checkpointer.name-keyed-pt-optimizer-refused",
+        "checkpointer.py",
+        "            if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):",
+        "            if True:",
+        "a .pt checkpoint's optimizer keyed by parameter name (DCP's form) is refused as if keyed by index",
+        (DEPLOY + "::test_a_pt_training_checkpoint_with_an_optimizer_keyed_by_name_resumes_it",),
     ),
     Mutant(
         "sharded.copy-skips-a-modules-own-loading",
