@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import posixpath
 from collections.abc import Mapping
@@ -94,8 +95,14 @@ class _Checkpoint:
         if not isinstance(entries, dict) or not isinstance(self.where, dict):
             raise CorruptCheckpointError(f"{source}: not a DCP metadata file (no state_dict_metadata/storage_data)")
         self.entries: dict[str, Any] = entries
+        self._open: dict[str, int] = {}  # local .distcp files' descriptors, by path
         self._check_files()
         self._check_chunks(source)
+
+    def close(self) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
 
     def _check_files(self) -> None:
         """Every file the metadata points into exists and is long enough: found before anything is written."""
@@ -149,7 +156,14 @@ class _Checkpoint:
                 f"({info.transform_descriptors}); ckptio reads untransformed DCP checkpoints"
             )
         with typed_io(self.storage.url(info.relative_path), "reading"):
-            data = self.storage.read_range(info.relative_path, info.offset, info.offset + info.length)
+            path = self.storage.local_path(info.relative_path)
+            if path is None:  # a store: one ranged request
+                data = self.storage.read_range(info.relative_path, info.offset, info.offset + info.length)
+            else:  # a local file, kept open: an item is one pread
+                fd = self._open.get(path)
+                if fd is None:
+                    fd = self._open[path] = os.open(path, os.O_RDONLY)
+                data = os.pread(fd, info.length, info.offset)
         if len(data) != info.length:
             raise CorruptCheckpointError(f"{self.storage.url(info.relative_path)}: truncated while read")
         return data
@@ -299,6 +313,21 @@ def convert_dcp(
     Nothing is written unless every file the metadata names is there and whole; the output appears by rename.
     """
     ckpt = _Checkpoint(src, storage_options)
+    try:
+        return _convert(ckpt, dst, epoch, architecture, model_key, optimizer_key, storage_options)
+    finally:
+        ckpt.close()
+
+
+def _convert(
+    ckpt: _Checkpoint,
+    dst: str,
+    epoch: int | None,
+    architecture: Mapping[str, Any] | None,
+    model_key: str,
+    optimizer_key: str,
+    storage_options: Mapping[str, Any] | None,
+) -> str:
     weights, optimizer, rest = _split(ckpt, model_key, optimizer_key)
     if not weights:
         found = sorted({k.split(".", 1)[0] for k in ckpt.entries})
