@@ -74,8 +74,12 @@ def main() -> int:
             with open(os.path.join(args.out, "trainer_state.json"), "w") as f:
                 json.dump({"epoch": ckpt.resumed_from.epoch, "user": ckpt.trainer_state}, f)
         ckpt.close()
-    dist.destroy_process_group()
-    return 0
+    # torch's own object collectives (DCP's, get_*_state_dict's) hand gloo tensors that its worker threads release
+    # later, which can abort a process destroying its group meanwhile (see ckptio.ranks.Handoff): every rank
+    # reaches this point, its files closed, then leaves without running the group's destructor
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
