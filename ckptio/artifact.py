@@ -82,8 +82,8 @@ def _describe(missing: list[str], unexpected: list[str], shapes: list[str], limi
     return "\n".join(lines)
 
 
-def _shared_groups(module: torch.nn.Module) -> list[list[str]]:
-    """Names of parameters/buffers that are one tensor object (tied weights)."""
+def tied_groups(module: torch.nn.Module) -> list[list[str]]:
+    """Names of parameters/buffers that are one tensor object (tied weights), each group in state-dict order."""
     groups: dict[int, list[str]] = {}
     for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)):
         groups.setdefault(id(t), []).append(name)
@@ -246,7 +246,7 @@ class PolicyArtifact:
         except Exception:
             module = None
         if module is not None:
-            groups = _shared_groups(module)
+            groups = tied_groups(module)
             fitted = _fitted(module, sd, groups)
             self._check(module, fitted, strict)
             module.load_state_dict(fitted, strict=strict, assign=True)
@@ -260,7 +260,7 @@ class PolicyArtifact:
             raise ArchitectureError(
                 f"{self.source}: make_policy returned {type(module).__name__}, not a torch.nn.Module"
             )
-        fitted = _fitted(module, sd, _shared_groups(module))
+        fitted = _fitted(module, sd, tied_groups(module))
         self._check(module, fitted, strict)
         module.load_state_dict(fitted, strict=strict)
         return module

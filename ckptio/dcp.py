@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import posixpath
@@ -139,10 +140,8 @@ class _Checkpoint:
                 for b in boxes[i + 1 :]:
                     if all(max(oa, ob) < min(oa + na, ob + nb) for (oa, na), (ob, nb) in zip(a, b, strict=True)):
                         raise CorruptCheckpointError(f"{source}: chunks of {key!r} overlap")
-            numel = 1
-            for d in size:
-                numel *= d
-            covered = sum(_volume(box) for box in boxes)
+            numel = math.prod(size)
+            covered = sum(math.prod(n for _, n in box) for box in boxes)
             if covered != numel:
                 raise CorruptCheckpointError(f"{source}: the chunks of {key!r} cover {covered} of its {numel} elements")
 
@@ -210,13 +209,6 @@ class _Checkpoint:
         return self._load(self._read_item(index), f"entry {key!r}", source)
 
 
-def _volume(box: tuple[tuple[int, int], ...]) -> int:
-    n = 1
-    for _, size in box:
-        n *= size
-    return n
-
-
 def _is_tensor(entry: Any) -> bool:
     return hasattr(entry, "chunks")
 
@@ -227,10 +219,7 @@ def describe_dcp(uri: str, storage_options: Mapping[str, Any] | None = None) -> 
     tensors, others, total = {}, [], 0
     for key, entry in ckpt.entries.items():
         if _is_tensor(entry):
-            numel = 1
-            for d in entry.size:
-                numel *= d
-            nbytes = numel * entry.properties.dtype.itemsize
+            nbytes = math.prod(entry.size) * entry.properties.dtype.itemsize
             total += nbytes
             tensors[key] = {"dtype": str(entry.properties.dtype).removeprefix("torch."), "shape": list(entry.size),
                             "bytes": nbytes, "chunks": len(entry.chunks)}  # fmt: skip

@@ -32,6 +32,7 @@ from typing import IO, Any
 import torch
 
 from .architecture import architecture_or_record
+from .artifact import tied_groups
 from .cache import NodeCache
 from .errors import (
     CheckpointError,
@@ -271,16 +272,8 @@ def tied_names(policy: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str
     name, in state-dict order, is the one stored), by canonical name; none for a state dict."""
     if not isinstance(policy, torch.nn.Module):
         return {}
-    module = unwrap_module(policy)
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)):
-        name = canonical_name(name)
-        if id(t) in first:
-            out[name] = first[id(t)]
-        else:
-            first[id(t)] = name
-    return out
+    groups = tied_groups(unwrap_module(policy))
+    return {canonical_name(alias): canonical_name(names[0]) for names in groups for alias in names[1:]}
 
 
 def state_dict_of(policy: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
