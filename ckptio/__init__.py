@@ -6,6 +6,7 @@ Where each concern lives (data flows down this list, never up):
   ``config`` its CheckpointConfig
 - ``node_fetch``    a sharded resume on several nodes: the store sends each byte once, nodes share the pieces
 - ``async_save``    AsyncSaver: snapshot on the caller's thread, the synchronous save on a worker
+- ``lease``         WriterLease: one job writes a run directory (and its remote copy) at a time
 - ``mirror``        RemoteMirror: local checkpoints copied to object storage, retention on both copies
 - ``upload``        Uploader: background upload threads, retries, coalescing
 - ``sharded``       DTensor state dicts: gathered to the master a tensor or a batch at a time, sliced per rank on load
@@ -54,6 +55,7 @@ from .errors import (
     StateDictMismatchError,
     StorageError,
     UploadError,
+    WriterConflictError,
 )
 from .manager import CheckpointManager, save_policy_artifact
 from .ranks import RankInfo, is_master, rank_info
@@ -85,6 +87,7 @@ __all__ = [
     "StorageError",
     "UploadError",
     "VerifyResult",
+    "WriterConflictError",
     "allow_architecture_modules",
     "architecture_from_json",
     "architecture_to_json",

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import posixpath
 import signal
+import socket
 import sys
 import threading
 import weakref
@@ -32,10 +34,12 @@ from .errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    WriterConflictError,
     save_failed,
     typed_io,
 )
 from .layout import (
+    PARTIAL_KEY,
     PendingSave,
     Want,
     cache_checkpoint,
@@ -43,8 +47,10 @@ from .layout import (
     checkpoint_at,
     load_checkpoint,
     state_dict_of,
+    subset_of,
     tied_names,
 )
+from .lease import WriterLease
 from .manager import CheckpointManager
 from .mirror import RemoteMirror, newest
 from .node_fetch import fetch_for_nodes
@@ -95,7 +101,9 @@ class Checkpointer:
         self.trainer_state: Any = None
         self.start_epoch = 0
         self._registered = False  # this rank took part in register()
-        self._manifest_checked = False  # the master wrote or checked the manifest
+        self._claimed: list[int] | None = None  # the master took the run: the epochs saved before it did
+        self._before: set[int] = set()  # every rank: those epochs, as the master found them
+        self._leases: list[WriterLease] = []
         self._closed = False
         self._shard_group: Any = None
         self._saved_optimizer: Any = None  # the FQN-keyed optimizer state read at resume
@@ -117,19 +125,31 @@ class Checkpointer:
         """The background uploader (None without a remote_uri, or before the first upload)."""
         return self.mirror.uploader if self.mirror is not None else None
 
-    # -- manifest ------------------------------------------------------------------------------
-    def _check_manifest(self) -> None:
-        """Master: write the manifest (locally, and remotely) if absent; ArchitectureError if one names another."""
-        if not self._manifest_checked:
-            for manager in (self.manager, self.remote):
-                if manager is not None:
-                    manager.ensure_manifest(self._architecture)
-            self._manifest_checked = True
+    # -- the run: its writer lease and manifest ---------------------------------------------------
+    def _claim(self) -> list[int]:
+        """Master, once: make this job the run's one writer (local and remote), proving both can be written, and
+        write the manifest if absent; returns the epochs saved before (this job never replaces them).
+
+        A model folder that is not a run is refused before anything is written (CheckpointFormatError); so is a
+        run another job writes (WriterConflictError) and a directory that cannot be written (StorageError)."""
+        if self._claimed is None:
+            managers = [m for m in (self.manager, self.remote) if m is not None]
+            for manager in managers:
+                manager.check_run_directory()
+            if self.config.writer_lease_s is not None:
+                for manager in managers:
+                    self._leases.append(WriterLease.take(manager.storage, manager.run_name, self.config.writer_lease_s))
+            for manager in managers:
+                manager.ensure_manifest(self._architecture)
+            with typed_io(self.manager.checkpoint_dir, "listing checkpoints"):
+                self._claimed = sorted({i.epoch for m in managers for i in m.list_checkpoints()})
+        return self._claimed
 
     def register(self) -> None:
-        """Master writes the write-once manifest; every rank raises if the run's architecture differs."""
+        """Master takes the run (writer lease, manifest); every rank raises if it cannot (another job writes it, the
+        directory is read-only, the run's architecture differs)."""
         if not self._registered:  # every rank enters this collective once, whatever the master did alone before
-            ranks.master_result(self._check_manifest)
+            self._before = set(ranks.master_result(self._claim))
             self._registered = True
 
     # -- resume --------------------------------------------------------------------------------
@@ -141,28 +161,35 @@ class Checkpointer:
         if self.remote is not None and self.rank.is_local_master and not self.rank.is_master:
             self.remote.storage.open_ahead()  # this rank fetches for its node once the master has chosen
 
-        def choose() -> tuple[bool, str] | None:
+        def choose() -> tuple[bool, str, str] | None:
             info = newest(self.manager, self.remote)
-            return None if info is None else (info.storage is self.manager.storage, info.name)
+            on_disk = info is not None and info.storage is self.manager.storage
+            return None if info is None else (on_disk, info.name, f"{socket.gethostname()}:{info.uri}")
 
-        def register_and_choose() -> tuple[bool, str] | None:
-            # independent requests on a store: the listing runs while the manifest is checked, whose error comes first
-            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckptio-manifest") as pool:
-                manifest = pool.submit(self._check_manifest)
+        def register_and_choose() -> tuple[tuple[bool, str, str] | None, list[int]]:
+            # independent requests on a store: the listing runs while the run is claimed, whose error comes first
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckptio-claim") as pool:
+                claim = pool.submit(self._claim)
                 try:
-                    return choose()
+                    chosen = choose()
                 finally:
-                    manifest.result()
+                    before = claim.result()
+                return chosen, before
 
         # a listing failure reaches every rank; no other rank lists
-        chosen = ranks.master_result(choose if self._registered else register_and_choose)
-        self._registered = True
+        if self._registered:
+            chosen = ranks.master_result(choose)
+        else:
+            chosen, before = ranks.master_result(register_and_choose)
+            self._before, self._registered = set(before), True
         if chosen is None:
             self.resumed_from, self.trainer_state, self.start_epoch = None, None, 0
             return None
         manager = self.manager if chosen[0] else self.remote
         info = checkpoint_at(manager.storage, chosen[1]) if manager is not None else None
         assert info is not None
+        if chosen[0] and not self.rank.is_master and not info.storage.exists(info.name):
+            info = dataclasses.replace(info, uri=chosen[2])  # on the master's disk only: named as it is there
         return info
 
     def _refuse_without_process_group(self) -> None:
@@ -237,6 +264,11 @@ class Checkpointer:
 
         def load() -> torch.nn.Module:
             loaded = self._read(info)
+            if loaded.metadata.get(PARTIAL_KEY) == "1":
+                raise CheckpointFormatError(
+                    f"{info.uri}: a partial checkpoint (saved with only=): it holds some of the model's tensors, not "
+                    "a model to create; build the model with its other weights, then resume with load_into(model)"
+                )
             module = artifact_of(loaded).instantiate(env_metadata, device=device)
             self._read_trainer_state(info, loaded.metadata, restore_rng)
             return module
@@ -246,13 +278,20 @@ class Checkpointer:
         return module
 
     def load_into(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        restore_rng: bool = True,
+        strict: bool = True,
     ) -> bool:
         """Every rank: fill an already built model (sharded or not; one built on ``meta`` allocated first, with
         ``to_empty``) from the latest checkpoint.
 
         Each rank reads only its own blocks of the mapped file, at any world size; with
         ``optimizer``, its state too. Returns False, touching nothing, when there is no checkpoint.
+        A partial checkpoint (``save(only=...)``) fills the tensors it holds and leaves the model's others as they
+        are; ``strict=False`` does so for any checkpoint, and skips its tensors the model lacks (both logged).
         """
         info = self._latest()
         if info is None:
@@ -265,7 +304,10 @@ class Checkpointer:
                 raise CheckpointFormatError(
                     f"{info.uri}: holds a pickled module, not a state dict to load into a model"
                 )
-            _sharded().load_model_state(model, current, loaded.weights, info.uri)
+            partial = loaded.metadata.get(PARTIAL_KEY) == "1"
+            _sharded().load_model_state(
+                model, current, loaded.weights, info.uri, missing_ok=partial or not strict, unexpected_ok=not strict
+            )
             self._read_trainer_state(info, loaded.metadata, restore_rng)
             if optimizer is not None:
                 self._load_optimizer(model, optimizer, info.uri)
@@ -324,6 +366,7 @@ class Checkpointer:
         force: bool = False,
         async_: bool | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        only: Iterable[str] | str | None = None,
     ) -> str | None:
         """Save on the master (others return None); honours epoch_interval unless forced.
 
@@ -333,10 +376,14 @@ class Checkpointer:
         (FSDP2, tensor parallel) is gathered to the master one tensor at a time: every rank must
         call it. With ``async_`` (default: config.async_save) the call returns once tensors are
         snapshotted to CPU; the rest runs in background. Returns the checkpoint's local URI on the master.
+
+        ``only`` saves a subset of the weights, by state-dict name, or ``"trainable"`` (the parameters that require
+        grad: a LoRA-style adapter over frozen weights), with the optimizer over them; ``load_into`` resumes such a
+        partial checkpoint into the full model, whose other tensors it leaves as they are.
         """
         self._saving += 1
         try:
-            return self._save(policy, epoch, training_metrics, trainer_state, force, async_, optimizer)
+            return self._save(policy, epoch, training_metrics, trainer_state, force, async_, optimizer, only)
         finally:
             self._saving -= 1
             if not self._saving:
@@ -351,6 +398,7 @@ class Checkpointer:
         force: bool,
         async_: bool | None,
         optimizer: torch.optim.Optimizer | None,
+        only: Iterable[str] | str | None,
     ) -> str | None:
         check_epoch(epoch)
         if not force and not self.should_save(epoch):
@@ -358,7 +406,11 @@ class Checkpointer:
         trainer = None
         if trainer_state is not None or optimizer is not None:  # a save of weights alone stores no trainer state
             trainer = _sharded().trainer_state_of(policy, epoch, trainer_state, optimizer)
-        job = PendingSave(self.manager.checkpoint(epoch), state_dict_of(policy), training_metrics, trainer)
+        target = self.manager.checkpoint(epoch)
+        weights = state_dict_of(policy)
+        if only is not None:
+            weights = subset_of(weights, policy, only, target.uri)
+        job = PendingSave(target, weights, training_metrics, trainer, partial=only is not None)
         # no DTensor exists before torch.distributed.tensor is imported
         is_sharded = "torch.distributed.tensor" in sys.modules and _sharded().has_dtensors(
             job.weights, trainer[0] if trainer is not None else {}
@@ -369,8 +421,9 @@ class Checkpointer:
             raise CheckpointError("Checkpointer is closed")
         background = self.config.async_save if async_ is None else async_
         snapshot = self.saves.snapshot if background else None
-        if is_sharded:  # every rank is here: the manifest check is collective; so is the plan, with the snapshot
+        if is_sharded:  # every rank is here: the claim is collective; so is the plan, with the snapshot
             self.register()
+            self._refuse_earlier_epoch(job)
             if self._shard_group is None:
                 self._shard_group = _sharded().new_group(self.config.shard_timeout_s)
             self.saves.wait()
@@ -385,11 +438,21 @@ class Checkpointer:
             retain = self._retain if self.rank.is_master else None
             self.saves.save(unit.write, self._write, background=background, after=retain)
         else:  # the master alone is here: no collective
-            self._check_manifest()
+            self._before = set(self._claim())
+            self._refuse_earlier_epoch(job)
             self.saves.wait()
             job = job.copied(snapshot) if background else job
             self.saves.save(self._write, job, background=background, after=self._retain)
         return job.checkpoint.uri if self.rank.is_master else None
+
+    def _refuse_earlier_epoch(self, job: PendingSave) -> None:
+        """An epoch saved before this job took the run (by another job, or an earlier start) is never replaced."""
+        if job.epoch in self._before:
+            raise WriterConflictError(
+                f"{job.checkpoint.uri}: epoch {job.epoch} of run {job.checkpoint.run!r} was saved before this job "
+                "started (by another job, or an earlier start of this one); refusing to replace it: resume "
+                "(load_or_create_policy or load_into) and save the epochs after it, or use another run directory"
+            )
 
     def wait(self) -> None:
         """Block until the background save (if any) is written; raise if it failed."""
@@ -397,8 +460,13 @@ class Checkpointer:
 
     def _write(self, job: PendingSave) -> None:
         """The master's synchronous save: the checkpoint, then its upload queued."""
+        for lease in self._leases:
+            lease.check()
         args = (job.weights, job.epoch, job.metrics)
-        kwargs = {"policy_architecture": self._architecture, "trainer_state": job.trainer, "prune": False}
+        kwargs = {
+            "policy_architecture": self._architecture, "trainer_state": job.trainer, "prune": False,
+            "partial": job.partial,
+        }  # fmt: skip
         saved = self.mirror.save(*args, **kwargs) if self.mirror else self.manager.save_checkpoint(*args, **kwargs)
         log.info("saved %s", saved.uri)
 
@@ -431,8 +499,13 @@ class Checkpointer:
             try:
                 self.saves.wait()
             finally:
-                if self.mirror is not None:
-                    self.mirror.close(self.config.close_timeout_s if upload_timeout is None else upload_timeout)
+                try:
+                    if self.mirror is not None:
+                        self.mirror.close(self.config.close_timeout_s if upload_timeout is None else upload_timeout)
+                finally:
+                    leases, self._leases = self._leases, []
+                    for lease in leases:  # the writing is over: the run is free for the next job
+                        lease.release()
         except Exception as e:
             return e
         return None

@@ -35,6 +35,10 @@ class CheckpointConfig:
       completes and the uploads get ``sigterm_finish_s`` seconds (keep it under the scheduler's grace
       period), then the process ends as the signal would have (a handler installed before is called
       instead); None leaves SIGTERM alone. Installed from the main thread only.
+    - One writer per run: the master holds the run directory's writer lease (and the remote copy's) from its
+      first resume or save to ``close()``; another job's Checkpointer on it is refused (WriterConflictError).
+      On a disk it is a lock the kernel drops when the holder dies; on an object store a record renewed
+      every ``writer_lease_s / 3`` seconds, free once not renewed for ``writer_lease_s``. None: no lease.
     - ``shard_timeout_s``: how long a sharded (DTensor) save waits for another rank before failing;
       ``shard_tensors_ahead``: how many tensors its master gathers while it writes one; ``shard_batch_bytes``:
       how many bytes of small tensors travel to it in one message.
@@ -71,6 +75,9 @@ class CheckpointConfig:
     # A checkpoint saved with trainer state whose trainer-state file is missing or damaged: resuming
     # would silently restart the optimizer and RNG, so it is an error unless this allows it (a warning).
     resume_without_trainer_state: bool = False
+    # One job writes a run at a time: how long a lease on an object store outlives a holder that stopped
+    # renewing it (a job killed on another host); None takes no lease, on disk nor store.
+    writer_lease_s: float | None = 60.0
     # Sharded (DTensor/FSDP2) saves: how long a rank waits for another in the gathers before it
     # gives up with CheckpointSaveError (a rank that died mid-save must not hang the others forever).
     shard_timeout_s: float = 600.0
@@ -84,3 +91,5 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.epoch_interval < 1:
             raise ValueError("epoch_interval must be >= 1")
+        if self.writer_lease_s is not None and not self.writer_lease_s > 0:
+            raise ValueError("writer_lease_s must be > 0 seconds, or None")

@@ -49,6 +49,10 @@ class StorageError(CheckpointError, OSError):
         return str(self.args[0]) if self.args else ""
 
 
+class WriterConflictError(CheckpointError):
+    """Another job writes this run directory (or wrote the epoch this job would replace): refused, nothing written."""
+
+
 class CheckpointSaveError(CheckpointError):
     """A save failed; names the checkpoint and the operation, with the original error chained."""
 

@@ -4,7 +4,8 @@ The safetensors files written here are standard (stock ``safetensors.safe_open``
 ckptio's additions live in the header's ``__metadata__`` (string to string):
 
 - ``ckptio.format``: format version; ``ckptio.architecture``: ``{"class_path", "config"}`` JSON;
-  ``ckptio.epoch``; ``ckptio.aliases``: ``{alias: stored_key}`` for tied tensors stored once;
+  ``ckptio.epoch``; ``ckptio.partial``: "1" when the weights are a subset of the model's (``save(only=)``);
+  ``ckptio.aliases``: ``{alias: stored_key}`` for tied tensors stored once;
 - ``ckptio.crc32`` and ``ckptio.data_bytes``: a CRC-32 of the data section, computed while
   streaming it out, and its length;
 - ``ckptio.chunk_bytes`` and ``ckptio.chunk_crc32``: the CRC-32 of each chunk of the data section

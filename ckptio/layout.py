@@ -20,6 +20,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import threading
@@ -70,6 +71,7 @@ __all__ = [
     "MANIFEST_NAME",
     "CheckpointInfo",
     "LoadedCheckpoint",
+    "PARTIAL_KEY",
     "PendingSave",
     "SavedCheckpoint",
     "Sidecars",
@@ -91,13 +93,17 @@ __all__ = [
     "read_pt_training_state",
     "read_trainer_state",
     "state_dict_of",
+    "subset_of",
     "tied_names",
+    "uncommitted_sidecars",
     "check_manifest_format",
     "write_checkpoint",
     "wanted_ranges",
     "weights_name",
     "write_manifest",
 ]
+
+log = logging.getLogger("ckptio")
 
 CHECKPOINTS_DIR = "checkpoints"  # a run directory keeps its checkpoints and manifest here
 MANIFEST_NAME = "model_architecture.json"
@@ -108,6 +114,7 @@ LEGACY_ARCH_SUFFIX = ".policyarchitecture"
 _NAME_RE = re.compile(r"^(?P<run>[A-Za-z0-9_-]+)\.e(?P<epoch>\d+)\.(?P<fmt>safetensors|pt)$")
 # weights-header keys that bind a checkpoint's files together
 SAVE_ID_KEY = "ckptio.save_id"
+PARTIAL_KEY = "ckptio.partial"  # "1": the weights are a subset of the model's (save(only=...)), loaded into it
 METRICS_FILE_KEY = "ckptio.metrics_file"
 METRICS_CRC_KEY = "ckptio.metrics_crc32"
 TRAINER_FILE_KEY = "ckptio.trainer_file"
@@ -276,6 +283,24 @@ def tied_names(policy: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str
     return {canonical_name(alias): canonical_name(names[0]) for names in groups for alias in names[1:]}
 
 
+def subset_of(state: Mapping[str, Any], policy: Any, only: Iterable[str] | str, source: str) -> dict[str, Any]:
+    """The entries ``only`` names of a state dict (``"trainable"``: the module's parameters that require grad)."""
+    if only == "trainable":
+        if not isinstance(policy, torch.nn.Module):
+            raise InvalidArgumentError(f"{source}: only='trainable' needs the module, not a state dict")
+        only = [canonical_name(n) for n, p in unwrap_module(policy).named_parameters() if p.requires_grad]
+    elif isinstance(only, str):
+        raise InvalidArgumentError(f"{source}: only= takes names (or 'trainable'), got {only!r}")
+    names = list(dict.fromkeys(only))
+    unknown = [n for n in names if n not in state]
+    if unknown or not names:
+        raise InvalidArgumentError(
+            f"{source}: only= names {', '.join(map(repr, unknown[:5])) or 'nothing'}"
+            + (", which the state dict does not have" if unknown else " to save")
+        )
+    return {n: state[n] for n in names}
+
+
 def state_dict_of(policy: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A module's state dict by canonical name (a given mapping as it is)."""
     if isinstance(policy, torch.nn.Module):
@@ -365,6 +390,7 @@ class PendingSave:
     weights: Mapping[str, Any]  # tensors; sharded ones (DTensor) until gathered, lazily gathered ones while written
     metrics: Mapping[str, Any] | None = None
     trainer: FlatTrainerState | None = None
+    partial: bool = False  # a subset of the model's tensors (save(only=...))
 
     @property
     def epoch(self) -> int:
@@ -377,9 +403,9 @@ class PendingSave:
         if metrics is not None:
             metrics = json.loads(metrics_payload(metrics, self.checkpoint.base))
         if copy is None:
-            return PendingSave(self.checkpoint, self.weights, metrics, self.trainer)
+            return replace(self, metrics=metrics)
         trainer = (copy(self.trainer[0], "t."), self.trainer[1]) if self.trainer is not None else None
-        return PendingSave(self.checkpoint, copy(self.weights, "w."), metrics, trainer)
+        return replace(self, weights=copy(self.weights, "w."), metrics=metrics, trainer=trainer)
 
 
 def write_checkpoint(
@@ -393,6 +419,7 @@ def write_checkpoint(
     trainer_state: FlatTrainerState | None = None,
     detach_buffers: bool = True,
     replace_other_format: bool = False,
+    partial: bool = False,
 ) -> SavedCheckpoint:
     """Write weights file ``weights`` (its extension names the format) after its sidecars (the weights are the
     commit point), then drop the files it replaced."""
@@ -403,35 +430,88 @@ def write_checkpoint(
         meta["ckptio.architecture"] = json.dumps(architecture_json, sort_keys=True)
     if epoch is not None:
         meta["ckptio.epoch"] = str(epoch)
+    if partial:
+        meta[PARTIAL_KEY] = "1"
     names: list[str] = []
     payload = metrics_payload(training_metrics, base) if training_metrics is not None else None
-    if payload is not None:
-        name = f"{base}.{save_id}{METRICS_SUFFIX}"
-        storage.write_bytes(name, payload)
-        meta[METRICS_FILE_KEY], meta[METRICS_CRC_KEY] = name, crc32_hex(payload)
-        names.append(name)
     trainer: concurrent.futures.Future[str] | None = None
     try:
+        if payload is not None:
+            name = f"{base}.{save_id}{METRICS_SUFFIX}"
+            names.append(name)
+            storage.write_bytes(name, payload)
+            meta[METRICS_FILE_KEY], meta[METRICS_CRC_KEY] = name, crc32_hex(payload)
         if trainer_state is not None:
             tensors, trainer_meta = trainer_state
             name = f"{base}.{save_id}{TRAINER_SUFFIX}"
+            names.append(name)
             trainer = _commit_aside(
                 storage, name, lambda f: write_safetensors(f, tensors, {**trainer_meta, SAVE_ID_KEY: save_id})
             )
             meta[TRAINER_FILE_KEY] = name
-            names.append(name)
         committed = trainer.result if trainer is not None else None  # the sidecar appears before the weights
         if checkpoint_format == "safetensors":
             write = functools.partial(write_safetensors, tensors=state_dict, metadata=meta, detach=detach_buffers)
         else:
             write = functools.partial(save_pt, tensors=state_dict, metadata=meta)
         uri = storage.write(weights, write, before_commit=committed)
-    finally:
+    except BaseException:
         if trainer is not None:
             concurrent.futures.wait([trainer])  # never a file still being committed behind a failed save
+        _remove_uncommitted(storage, weights, save_id, names)
+        raise
     names.append(weights)
     remove_replaced(storage, weights, keep=names, other_formats=replace_other_format)
     return SavedCheckpoint(uri=uri, names=tuple(names))
+
+
+def _remove_uncommitted(storage: Storage, weights: str, save_id: str, sidecars: list[str]) -> None:
+    """After a failed save: its sidecars go, unless its weights did appear (a failure after the rename, such as the
+    directory's fsync): then they are that checkpoint's. What cannot be removed now, retention removes later."""
+    if not sidecars:
+        return
+    try:
+        if read_metadata(storage, weights).get(SAVE_ID_KEY) == save_id:
+            return
+    except CheckpointError:
+        pass  # no weights, or another save's: these sidecars belong to nothing
+    for name in sidecars:
+        try:
+            storage.delete(name)
+        except Exception as e:  # the save's own error is the one to raise
+            log.warning("%s: could not remove the sidecar of a failed save: %r", storage.url(name), e)
+
+
+def uncommitted_sidecars(
+    storage: Storage, listing: Iterable[str], run: str, *, skip: Iterable[str] = (), writing: Iterable[str] = ()
+) -> list[str]:
+    """Run ``run``'s sidecars in a listing that no weights file names: a save stopped before its commit (killed,
+    or its clean-up failed) left them. Of a checkpoint with weights, only when sidecars of two saves are there
+    (then its header tells which is its own). Names in ``skip`` stay, and so do the files of the checkpoints whose
+    weights names are in ``writing`` (saves under way)."""
+    names, skip, writing = set(listing), set(skip), set(writing)
+    by_base: dict[str, dict[str, list[str]]] = {}
+    for name in names:
+        match = _SIDECAR_RE.match(name)
+        if match and match["run"] == run and name not in skip and not weights_names(match["base"]) & writing:
+            by_base.setdefault(match["base"], {}).setdefault(match["id"], []).append(name)
+    orphans: list[str] = []
+    for base, saves in sorted(by_base.items()):
+        weights = sorted(weights_names(base) & names)
+        if not weights:
+            orphans += [n for group in saves.values() for n in group]
+            continue
+        if len(saves) < 2:
+            continue
+        own: set[str] = set()
+        for w in weights:
+            try:
+                own.add(read_metadata(storage, w).get(SAVE_ID_KEY, ""))
+            except CheckpointError:
+                own = set(saves)  # an unreadable header cannot say which save is its own: keep them all
+                break
+        orphans += [n for save_id, group in saves.items() if save_id not in own for n in group]
+    return sorted(orphans)
 
 
 def _commit_aside(storage: Storage, name: str, writer: Callable[[IO[bytes]], None]) -> concurrent.futures.Future[str]:
@@ -454,6 +534,9 @@ def _commit_aside(storage: Storage, name: str, writer: Callable[[IO[bytes]], Non
 
 
 _SAVE_ID_RE = re.compile(r"[0-9a-f]{12}")
+_SIDECAR_RE = re.compile(
+    r"^(?P<base>(?P<run>[A-Za-z0-9_-]+)\.e\d+)\.(?P<id>[0-9a-f]{12})(?:\.metrics\.json|\.trainer\.safetensors)$"
+)
 
 
 def weights_names(base: str) -> frozenset[str]:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import posixpath
+import threading
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -46,15 +47,19 @@ from .layout import (
     read_trainer_state,
     sanitize_run_name,
     state_dict_of,
+    uncommitted_sidecars,
     weights_name,
     write_checkpoint,
     write_manifest,
 )
 from .storage import FileInfo, Storage
-from .trainer_state import FlatTrainerState, unflatten
+from .trainer_state import FlatTrainerState, as_flat_trainer_state, unflatten
 from .version import __version__
 
 __all__ = ["CheckpointManager", "retention", "save_policy_artifact"]
+
+# what a model folder holds (transformers' save_pretrained, torch.save, an export): not a run directory's files
+MODEL_FILE_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".gguf")
 
 log = logging.getLogger("ckptio")
 
@@ -103,6 +108,8 @@ class CheckpointManager:
         self.keep_best = keep_best
         self._cleaned = False
         self._warned_unranked = False  # keep_best's metric is on no checkpoint: said once
+        self._writing: set[str] = set()  # weights names being saved: their sidecars are not litter yet
+        self._writing_lock = threading.Lock()
         self.last_saved: str | None = None  # retention never deletes this process's newest save
 
     @property
@@ -134,6 +141,22 @@ class CheckpointManager:
             "CheckpointManager(..., run_name=...))"
         )
 
+    def check_run_directory(self) -> None:
+        """Before a job writes here: CheckpointFormatError if the directory holds model files but no ``checkpoints/``
+        (a Hugging Face model folder, an export): that is someone's model, not a run, and ckptio writes nothing there."""
+        with typed_io(self.run_storage.url(), "listing the run directory"):
+            listing = self.run_storage.listdir()
+        if CHECKPOINTS_DIR in listing:
+            return
+        models = [n for n in listing if n.endswith(MODEL_FILE_SUFFIXES) and not n.startswith(".")]
+        if models:
+            shown = ", ".join(models[:3]) + (f" and {len(models) - 3} more" if len(models) > 3 else "")
+            raise CheckpointFormatError(
+                f"{self.run_storage.url()}: holds {shown} but no {CHECKPOINTS_DIR}/ folder: a model folder, not a "
+                "ckptio run directory, and ckptio writes nothing into it. Load it with ckptio.load_from_uri (or "
+                "ckptio inspect it), and give the Checkpointer a run directory of its own"
+            )
+
     def checkpoint(self, epoch: int) -> CheckpointInfo:
         """The checkpoint this run names for ``epoch`` (whether or not it is saved yet)."""
         return checkpoint_of(self.storage, self.run_name, epoch, self.checkpoint_format)
@@ -145,11 +168,15 @@ class CheckpointManager:
         training_metrics: Mapping[str, Any] | None = None,
         *,
         policy_architecture: Any = None,
-        trainer_state: FlatTrainerState | None = None,
+        trainer_state: FlatTrainerState | Mapping[str, Any] | None = None,
         protect: Iterable[str] = (),
         prune: bool = True,
+        partial: bool = False,
     ) -> SavedCheckpoint:
         """Write the checkpoint for ``epoch`` atomically, then apply retention; returns what it committed.
+
+        ``trainer_state``: a nested dict (tensors and plain values, read back by ``load_trainer_state``) or the
+        flat form ``trainer_state.flatten`` gives. ``partial``: the weights are a subset of the model's.
 
         A failure raises CheckpointSaveError (also an OSError when the cause is one); what was
         committed before stays as it was.
@@ -163,16 +190,23 @@ class CheckpointManager:
                 self.storage.clean_temporaries()
                 self._cleaned = True
             step = "writing"
-            saved = write_checkpoint(
-                self.storage,
-                target.name,
-                state,
-                architecture_json=arch_json,
-                epoch=epoch,
-                training_metrics=training_metrics,
-                trainer_state=trainer_state,
-                replace_other_format=True,  # in a run directory the old format would shadow this save
-            )
+            with self._writing_lock:
+                self._writing.add(target.name)
+            try:
+                saved = write_checkpoint(
+                    self.storage,
+                    target.name,
+                    state,
+                    architecture_json=arch_json,
+                    epoch=epoch,
+                    training_metrics=training_metrics,
+                    trainer_state=as_flat_trainer_state(trainer_state),
+                    replace_other_format=True,  # in a run directory the old format would shadow this save
+                    partial=partial,
+                )
+            finally:
+                with self._writing_lock:
+                    self._writing.discard(target.name)
             self.last_saved = saved.weights
             if prune:
                 step = "applying retention"
@@ -190,7 +224,7 @@ class CheckpointManager:
         training_metrics: Mapping[str, Any] | None = None,
         *,
         policy_architecture: Any = None,
-        trainer_state: FlatTrainerState | None = None,
+        trainer_state: FlatTrainerState | Mapping[str, Any] | None = None,
         protect: Iterable[str] = (),
         prune: bool = True,
     ) -> str:
@@ -294,8 +328,15 @@ class CheckpointManager:
 
     # -- retention -------------------------------------------------------------------------------
     def prune(self, protect: Iterable[str] = ()) -> list[str]:
-        """Delete this run's checkpoints that retention does not keep; returns their URIs."""
+        """Delete this run's checkpoints that retention does not keep, and the sidecars of saves that never
+        committed (a writer killed mid-save); returns the checkpoints' URIs."""
         listing = self.storage.listdir()
+        protect = set(protect)
+        with self._writing_lock:
+            writing = set(self._writing)
+        for name in uncommitted_sidecars(self.storage, listing, self.run_name, skip=protect, writing=writing):
+            log.info("removing %s: a save that never committed left it", self.storage.url(name))
+            self.storage.delete(name)
         infos = [i for i in scan(self.storage, listing) if i.run == self.run_name]
         ranked = None
         if self.keep_best is not None and infos:

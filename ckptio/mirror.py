@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import CheckpointConfig
 from .errors import save_failed, typed_io
-from .layout import CheckpointInfo, SavedCheckpoint, base_of, remove_replaced
+from .layout import MANIFEST_NAME, CheckpointInfo, SavedCheckpoint, base_of, remove_replaced
 from .manager import CheckpointManager
 from .upload import Uploader, UploadJob
 
@@ -84,7 +84,24 @@ class RemoteMirror:
         if self.uploader is None:
             self.uploader = Uploader(on_uploaded=self._after_upload, **self.uploader_options)
         label = base_of(saved.weights)
-        self.uploader.submit(UploadJob(self.local.storage, self.remote.storage, list(saved.names), label=label))
+        job = UploadJob(self.local.storage, self.remote.storage, list(saved.names), label=label, before=self._manifest)
+        self.uploader.submit(job)
+
+    def _manifest(self) -> None:
+        """Before each upload: the store still holds the run's manifest. One that lost it (its bucket emptied or
+        recreated) gets it again from the local copy, said once, with what the store now holds."""
+        if self.remote.storage.exists(MANIFEST_NAME) or not self.local.storage.exists(MANIFEST_NAME):
+            return
+        local = self.local.storage.local_path(MANIFEST_NAME)
+        assert local is not None, "uploads start from local files"
+        self.remote.storage.put_file(local, MANIFEST_NAME)
+        held = [i.name for i in self.remote.list_checkpoints()]
+        log.warning(
+            "%s: the run's manifest was gone from the store (its bucket emptied or recreated?): uploaded it again; "
+            "the store holds %s of this run",
+            self.remote.storage.url(MANIFEST_NAME),
+            ", ".join(held) if held else "no checkpoint",
+        )
 
     def prune_local(self) -> list[str]:
         with self._lock:

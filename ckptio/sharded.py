@@ -564,9 +564,16 @@ def _local_part(full: torch.Tensor | StoredTensor, like: DTensor) -> DTensor:
     )  # fmt: skip
 
 
-def _diff(saved: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], source: str) -> None:
-    missing = sorted(current.keys() - saved.keys())
-    unexpected = sorted(saved.keys() - current.keys())
+def _diff(
+    saved: Mapping[str, torch.Tensor],
+    current: Mapping[str, torch.Tensor],
+    source: str,
+    *,
+    missing_ok: bool = False,
+    unexpected_ok: bool = False,
+) -> None:
+    missing = [] if missing_ok else sorted(current.keys() - saved.keys())
+    unexpected = [] if unexpected_ok else sorted(saved.keys() - current.keys())
     shapes = [
         f"{k}: checkpoint {list(saved[k].shape)}, model {list(current[k].shape)}"
         for k in sorted(current.keys() & saved.keys())
@@ -613,11 +620,23 @@ def _loads_by_copy(model: torch.nn.Module, current: Mapping[str, torch.Tensor]) 
 
 
 def load_model_state(
-    model: torch.nn.Module, current: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], source: str
+    model: torch.nn.Module,
+    current: Mapping[str, torch.Tensor],
+    saved: Mapping[str, torch.Tensor],
+    source: str,
+    *,
+    missing_ok: bool = False,
+    unexpected_ok: bool = False,
 ) -> None:
     """Fill ``model`` (sharded or not, allocated; ``current`` is its ``model_state``) from full saved tensors: each
-    rank copies its block."""
-    _diff(saved, current, source)
+    rank copies its block. ``missing_ok``: the model's tensors the checkpoint lacks stay as they are;
+    ``unexpected_ok``: the checkpoint's tensors the model lacks are skipped. A shape that differs is always refused."""
+    _diff(saved, current, source, missing_ok=missing_ok, unexpected_ok=unexpected_ok)
+    kept = {k: v for k, v in current.items() if k in saved}
+    if len(kept) < len(current) or len(kept) < len(saved):
+        log.info("%s: loaded %d of the model's %d tensors (%d of the checkpoint's skipped)", source, len(kept),
+                 len(current), len(saved) - len(kept))  # fmt: skip
+    current = kept
     on_meta = sorted(k for k, v in current.items() if _local(v).is_meta)
     if on_meta:  # torch's load would copy into nothing, warn, and leave the model empty
         raise InvalidArgumentError(
@@ -632,7 +651,7 @@ def load_model_state(
                 _local(v).copy_(_local_block(saved[k], v) if isinstance(v, DTensor) else _whole(saved[k]))
         return
     new = {k: _local_part(saved[k], v) if isinstance(v, DTensor) else _whole(saved[k]) for k, v in current.items()}
-    set_model_state_dict(model, new, options=StateDictOptions(strict=True))
+    set_model_state_dict(model, new, options=StateDictOptions(strict=not missing_ok))
 
 
 def load_optimizer_state(

@@ -38,7 +38,7 @@ log = logging.getLogger("ckptio")
 
 __all__ = [
     "TMP_MARK", "FileInfo", "Storage", "covers", "intersect_ranges", "is_network_filesystem", "is_temporary",
-    "merge_ranges", "split_uri", "subtract_ranges", "write_all",
+    "merge_ranges", "pid_alive", "split_uri", "subtract_ranges", "write_all",
 ]  # fmt: skip
 
 # Filesystems where mmap page faults become network round trips (reported 30-50x slower than
@@ -254,7 +254,7 @@ class _WritebackFile:
         return n
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -449,6 +449,7 @@ class Storage:
                 self.fs.invalidate_cache(self.root)  # a listing must see what other processes wrote since
                 entries = self._remote("list", None, self.fs.ls, self.root, detail=False)
             except CheckpointNotFoundError:
+                self._check_bucket(self.root, again=True)  # a misspelt bucket is not an empty directory
                 return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
@@ -511,14 +512,15 @@ class Storage:
         if not self._check_bucket(parent):
             self._remote("mkdir", None, self.fs.makedirs, parent, exist_ok=True)
 
-    def _check_bucket(self, path: str) -> bool:
+    def _check_bucket(self, path: str, *, again: bool = False) -> bool:
         """On a store with buckets (s3fs, gcsfs, adlfs): StorageError unless ``path``'s bucket exists (checked once
-        per bucket), never creating it: a misspelt bucket must not become a new one. False on other filesystems."""
+        per bucket, or ``again``), never creating it: a misspelt bucket must not become a new one. False on other
+        filesystems."""
         split = getattr(self.fs, "split_path", None)
         if split is None:
             return False
         bucket = split(path)[0]
-        if bucket not in self._buckets_seen:
+        if again or bucket not in self._buckets_seen:
             if not self._remote("stat", None, self.fs.exists, bucket):
                 raise StorageError(
                     f"{self.uri}: bucket {bucket!r} does not exist (ckptio never creates buckets: create it, or "
@@ -534,7 +536,21 @@ class Storage:
             with self.fs.open(path, mode) as f:
                 writer(f)
 
-        self._remote("write", name, run, timeout=None)
+        with self._writing_to(path):
+            self._remote("write", name, run, timeout=None)
+
+    @contextlib.contextmanager
+    def _writing_to(self, path: str) -> Iterator[None]:
+        """A write the store answers with 'no such file': its bucket was deleted since it was checked (an emptied
+        and recreated store answers so for a while), or the key's prefix cannot be made; said as such."""
+        try:
+            yield
+        except CheckpointNotFoundError as e:
+            self._check_bucket(path, again=True)
+            raise StorageError(
+                f"{self.url(posixpath.relpath(path, self.root))}: the store answered 'no such file' to a write (was "
+                f"its bucket deleted or recreated?): {e.__cause__ or e}"
+            ) from e
 
     def _timeout_kwargs(self, timeout: float | None) -> dict[str, Any]:
         # fsspec's sync wrappers of async filesystems (s3fs, gcsfs) take a timeout; a frozen
@@ -552,7 +568,8 @@ class Storage:
             return
         kwargs = {"callback": callback} if callback is not None else {}
         self._check_bucket(path)
-        self._remote("upload", name, self.fs.put_file, local_path, path, timeout=timeout, **kwargs)
+        with self._writing_to(path):
+            self._remote("upload", name, self.fs.put_file, local_path, path, timeout=timeout, **kwargs)
 
     def get_file(self, name: str, local_path: str, *, timeout: float | None = None) -> None:
         """Download ``name`` to a local path (the caller makes that atomic)."""
@@ -582,7 +599,7 @@ class Storage:
             if not is_temporary(name):
                 continue
             owner = name.rsplit(TMP_MARK, 1)[1].split(".", 1)[0]
-            if owner.isdigit() and _pid_alive(int(owner)):
+            if owner.isdigit() and pid_alive(int(owner)):
                 continue  # a live writer's file (this process's background saves included)
             self.delete(name)
             removed.append(name)

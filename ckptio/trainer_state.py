@@ -18,12 +18,25 @@ import torch
 from .errors import CheckpointFormatError, CorruptCheckpointError
 from .formats import LazyTensor
 
-__all__ = ["FlatTrainerState", "capture_rng_state", "flatten", "restore_rng_state", "unflatten"]
+__all__ = [
+    "FlatTrainerState", "as_flat_trainer_state", "capture_rng_state", "flatten", "restore_rng_state", "unflatten",
+]  # fmt: skip
 
 _STRUCTURE_KEY = "ckptio.trainer_structure"
 
 # a trainer-state tree as a checkpoint stores it: its tensors, and the metadata holding its structure
 FlatTrainerState = tuple[Mapping[str, torch.Tensor], Mapping[str, str]]
+
+
+def as_flat_trainer_state(state: Any) -> FlatTrainerState | None:
+    """A trainer state as a checkpoint stores it: a nested dict flattened; a (tensors, metadata) pair as it is."""
+    if state is None or (isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], Mapping)):
+        return state
+    if isinstance(state, Mapping):
+        return flatten(state)
+    raise CheckpointFormatError(
+        f"trainer_state is a {type(state).__name__}: give a dict (nested dicts, lists, tensors, JSON scalars)"
+    )
 
 
 def flatten(tree: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # a FlatTrainerState

@@ -59,6 +59,7 @@ class UploadJob:
     error: BaseException | None = None
     superseded: bool = False
     seq: int = 0  # submission order: a later job's upload makes an earlier failed one moot
+    before: Callable[[], None] | None = None  # run (with retries) before the first file goes up
 
 
 class Uploader:
@@ -156,31 +157,40 @@ class Uploader:
     def _upload(self, job: UploadJob) -> None:
         start = time.monotonic()
         total = 0
+        if job.before is not None:
+            self._attempt(job.dest.url(), "checking the run's manifest", job.before)
         for name in job.names:
             local = job.source.local_path(name)
             assert local is not None, "uploads start from local files"
-            for attempt in range(self.retries + 1):
+
+            def put(local: str = local, name: str = name) -> int:
                 if not os.path.exists(local) and self._superseded(job):
                     raise _Superseded  # a re-save replaced these files; its own upload follows
                 size = os.path.getsize(local) if os.path.exists(local) else 0
-                if self._stop.is_set():
-                    raise UploadError(f"{job.dest.url(name)}: abandoned at close")
-                try:
-                    bar = _progress_bar(name, size)
-                    job.dest.put_file(local, name, timeout=self.file_timeout_s, callback=bar)
-                    break
-                except Exception as e:
-                    if attempt == self.retries:
-                        raise UploadError(
-                            f"{job.dest.url(name)}: upload failed after {attempt + 1} attempts: {e!r}"
-                        ) from e
-                    delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)
-                    log.warning("upload of %s failed (%r); retry %d in %.1fs", name, e, attempt + 1, delay)
-                    if self._stop.wait(delay):
-                        raise UploadError(f"{job.dest.url(name)}: abandoned at close after {e!r}") from e
-            total += size
+                job.dest.put_file(local, name, timeout=self.file_timeout_s, callback=_progress_bar(name, size))
+                return size
+
+            total += self._attempt(job.dest.url(name), "upload", put)
         dt = time.monotonic() - start
         log.info("uploaded %s: %d bytes in %.1fs (%.1f MB/s)", job.label, total, dt, total / max(dt, 1e-9) / 1e6)
+
+    def _attempt(self, uri: str, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, retried with exponential backoff; UploadError naming ``uri`` once the retries are spent."""
+        for attempt in range(self.retries + 1):
+            if self._stop.is_set():
+                raise UploadError(f"{uri}: abandoned at close")
+            try:
+                return fn()
+            except _Superseded:
+                raise
+            except Exception as e:
+                if attempt == self.retries:
+                    raise UploadError(f"{uri}: {what} failed after {attempt + 1} attempts: {e!r}") from e
+                delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)
+                log.warning("%s: %s failed (%s); retry %d in %.1fs", uri, what, e, attempt + 1, delay)
+                if self._stop.wait(delay):
+                    raise UploadError(f"{uri}: abandoned at close after {e!r}") from e
+        raise AssertionError("unreachable")
 
     def wait(self, timeout: float | None = None, *, report: bool = False) -> bool:
         """Block until nothing is pending or active; False if the timeout passed first. With ``report``, log every

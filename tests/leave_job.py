@@ -29,9 +29,12 @@ def main() -> int:
         if rank == 0 and sys.argv[2] == "broken-manifest":
             os.makedirs(os.path.join(run_dir, "checkpoints", "model_architecture.json"))
         elif rank == 0:
+            real_listdir = ckptio.storage.Storage.listdir
 
             def broken_listdir(self):
-                raise OSError(errno.EIO, "Input/output error")
+                if self.root.endswith("checkpoints"):
+                    raise OSError(errno.EIO, "Input/output error")
+                return real_listdir(self)
 
             ckptio.storage.Storage.listdir = broken_listdir
         try:

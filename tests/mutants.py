@@ -538,8 +538,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "checkpointer.sharded-manifest-checked-by-master-alone",
         "checkpointer.py",
-        "            self.register()\n            if self._shard_group is None:",
-        "            if self.rank.is_master:\n                self._check_manifest()\n            if self._shard_group is None:",
+        "            self.register()\n            self._refuse_earlier_epoch(job)",
+        "            if self.rank.is_master:\n                self._claim()\n            self._refuse_earlier_epoch(job)",
         "a sharded save's manifest check fails on the master alone; the others wait for the shard timeout",
         (AGREE,),
     ),

@@ -8,7 +8,7 @@ import ckptio
 PACKAGE = pathlib.Path(ckptio.__file__).parent
 # top to bottom, as the map in ckptio/__init__.py lists them; a module may import only those below it
 ORDER = [
-    "cli", "checkpointer", "node_fetch", "async_save", "mirror", "upload", "sharded", "manager", "tools", "dcp",
+    "cli", "checkpointer", "node_fetch", "async_save", "lease", "mirror", "upload", "sharded", "manager", "tools", "dcp",
     "discovery",
     "layout", "artifact", "architecture", "trainer_state", "formats", "config", "cache", "storage", "ranks", "errors",
     "version",

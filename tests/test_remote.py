@@ -472,9 +472,10 @@ def test_a_remote_resave_leaves_only_the_new_files(tmp_path, policy):
 
     remote = _memory_remote()
     cfg = ckptio.CheckpointConfig(remote_uri=remote)
-    for save in (1, 2):
-        with ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg) as ck:
+    with ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg) as ck:
+        for save in (1, 2):
             ck.save(policy, 1, {"save": save}, {"step": save}, force=True)
+            assert ck.uploader.wait(timeout=60)  # the first save is on the store before the second replaces it
     storage = Storage(remote + "/checkpoints")
     names = [n for n in storage.listdir() if n.startswith("run.")]
     assert len(names) == 3 and ckptio.load_from_uri(remote, verify=True).training_metrics == {"save": 2}, names

@@ -17,6 +17,7 @@ from conftest import REPO_ROOT, subprocess_env, torchrun_cmd
 from safetensors.torch import load_file
 
 import ckptio
+from ckptio.storage import TMP_MARK
 from ckptio.trainer_state import unflatten
 from launch.tasks import BanditTask
 
@@ -135,7 +136,7 @@ def test_a_rank_killed_mid_gather_leaves_the_previous_checkpoint_latest(tmp_path
     assert dead.returncode != 0
     assert [i.epoch for i in ckptio.list_checkpoints(run)] == [0]
     assert all(r.ok for r in ckptio.verify(run))
-    left = [n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith(".")]
+    left = [n for n in os.listdir(os.path.join(run, "checkpoints")) if TMP_MARK in n]
     if left:  # torchrun stopped the master before it saw the peer die: its temporary stays, invisible, until
         job(2, run, str(tmp_path / "next"), "--mode", mode, "--epochs", "1")  # the next writer removes it
         assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if n in left]
@@ -154,7 +155,7 @@ def test_a_rank_stuck_mid_gather_fails_the_save_within_the_timeout(tmp_path):
     assert "CheckpointSaveError" in hung.stderr, hung.stderr[-3000:]
     assert [i.epoch for i in ckptio.list_checkpoints(run)] == [0]
     assert all(r.ok for r in ckptio.verify(run))
-    assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith(".")]  # no temporaries left
+    assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if TMP_MARK in n]  # no temporaries left
 
 
 def test_main_job_runs_sharded_and_resumes_at_another_world_size(tmp_path):
@@ -240,7 +241,7 @@ def test_ranks_that_disagree_fail_together_within_seconds_and_write_nothing(tmp_
     run = os.path.join(runs, "run")
     assert [i.epoch for i in ckptio.list_checkpoints(run)] == [0, 22]
     assert all(r.ok for r in ckptio.verify(run))
-    assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith(".")]
+    assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if TMP_MARK in n]
     assert ckptio.list_checkpoints(os.path.join(runs, "other")) == []
 
 

@@ -27,7 +27,8 @@ def arch():
 
 
 def _files(run):
-    return sorted(os.listdir(os.path.join(run, "checkpoints")))
+    """The checkpoint directory's files, less the writer lease's (which a run keeps between jobs)."""
+    return sorted(n for n in os.listdir(os.path.join(run, "checkpoints")) if not n.startswith(".ckptio-writer."))
 
 
 def _shifted(policy, by):
@@ -377,7 +378,7 @@ def test_a_failed_save_is_one_error_type_naming_the_checkpoint(tmp_path, policy,
     with pytest.raises(ckptio.CheckpointSaveError) as sync_error:
         mgr.save_agent(policy, 3)
     ck = ckptio.Checkpointer(str(tmp_path / "a"), arch, ckptio.CheckpointConfig(async_save=True))
-    ck._manifest_checked = True  # the manifest write would fail first; this test is about the weights
+    ck._claimed = []  # the lease and manifest writes would fail first; this test is about the weights
     ck.save(policy, 3)
     with pytest.raises(ckptio.CheckpointSaveError) as async_error:
         ck.wait()
