@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +55,11 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    # one line, as errors are: a terminal user wants the warning, not the source line that issued it
+    print(f"ckptio: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ckptio", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ckptio {__version__}")
@@ -69,17 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="print a checkpoint's format, epoch, tensors, bytes, metrics, architecture as JSON (a DCP "
         "directory: its keys, shapes, dtypes and bytes)",
     )
-    p.add_argument("uri")
+    p.add_argument("uri", help="a checkpoint file, a run directory (its latest), or a DCP directory; any URI")
     p = sub.add_parser("ls", parents=[common], help="list a directory's checkpoints, oldest first")
-    p.add_argument("uri")
+    p.add_argument("uri", help="a run directory or a directory of checkpoint files; any URI")
     p = sub.add_parser(
         "convert",
         parents=[common],
         help="rewrite a checkpoint as .safetensors or .pt (by DST's extension), a run into DST/, or a "
         "torch.distributed.checkpoint directory into one .safetensors file or a run DST/ (streamed)",
     )
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="a checkpoint file, a run directory (its latest), or a DCP directory")
+    p.add_argument("dst", help="a .safetensors or .pt file name, or a directory ending in / for a run")
     p.add_argument("--trusted", action="store_true", help="allow unpickling a whole module from a .pt you trust")
     p.add_argument("--epoch", type=int, help="a DCP source: the epoch to name it (default: its own step, else 0)")
     p.add_argument(
@@ -93,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="copy a checkpoint with all its files (metrics, trainer state, architecture) under a new name or "
         "place: DST is a file name, or a directory ending in /",
     )
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="a checkpoint file, or a run directory (its latest)")
+    p.add_argument("dst", help="the copy's file name, or a directory ending in / (the source's name kept)")
     p = sub.add_parser(
         "verify",
         parents=[common],
@@ -102,10 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(UNVERIFIED: valid, but carries no digest to check its contents; GONE: deleted or replaced "
         "while being verified, as retention does on a live run: not an error)",
     )
-    p.add_argument("uri")
+    p.add_argument("uri", help="a checkpoint file, or a directory (every checkpoint in it)")
     args = parser.parse_args(argv)
     try:
-        return _run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return _run(args)
     except BrokenPipeError:
         # the reader left (ckptio ls DIR | head -1): what it wanted was printed; no error, no traceback at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -84,11 +84,13 @@ class RemoteMirror:
         if self.uploader is None:
             self.uploader = Uploader(on_uploaded=self._after_upload, **self.uploader_options)
         label = base_of(saved.weights)
-        job = UploadJob(self.local.storage, self.remote.storage, list(saved.names), label=label, before=self._manifest)
+        job = UploadJob(
+            self.local.storage, self.remote.storage, list(saved.names), label=label, before_commit=self._manifest
+        )
         self.uploader.submit(job)
 
     def _manifest(self) -> None:
-        """Before each upload: the store still holds the run's manifest. One that lost it (its bucket emptied or
+        """Before each upload commits: the store still holds the run's manifest. One that lost it (its bucket emptied or
         recreated) gets it again from the local copy, said once, with what the store now holds."""
         if self.remote.storage.exists(MANIFEST_NAME) or not self.local.storage.exists(MANIFEST_NAME):
             return

@@ -481,7 +481,7 @@ class ShardedSave:
         except Exception as e:  # the gloo group itself failed: a rank died or timed out
             raise save_failed(target, "planning the sharded save", e) from e
         trainer = (files["t"], job.trainer[1]) if job.trainer is not None else None
-        self.job = PendingSave(job.checkpoint, files["w"], job.metrics, trainer)
+        self.job = replace(job, weights=files["w"], trainer=trainer)
         if snapshot is not None:
             self.job = self.job.copied()
 
@@ -503,7 +503,7 @@ class ShardedSave:
             trainer = (lazy("t", job.trainer[0]), job.trainer[1]) if job.trainer is not None else None
             weights = lazy("w", job.weights)
             weights.update({alias: weights[name] for alias, name in self.ties.items()})
-            write(PendingSave(job.checkpoint, weights, job.metrics, trainer))
+            write(replace(job, weights=weights, trainer=trainer))
             ok = True
         finally:
             try:

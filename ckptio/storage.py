@@ -388,6 +388,7 @@ class Storage:
             except (OSError, ValueError):
                 return None
             return "directory" if stat.S_ISDIR(mode) else "file"
+        self.fs.invalidate_cache(path)  # what the store holds now, not what a listing of this process once said
         try:
             info = self._remote("stat", name, self.fs.info, path)
         except CheckpointNotFoundError:

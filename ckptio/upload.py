@@ -59,7 +59,7 @@ class UploadJob:
     error: BaseException | None = None
     superseded: bool = False
     seq: int = 0  # submission order: a later job's upload makes an earlier failed one moot
-    before: Callable[[], None] | None = None  # run (with retries) before the first file goes up
+    before_commit: Callable[[], None] | None = None  # run (with retries) before the weights, the last file, go up
 
 
 class Uploader:
@@ -157,9 +157,9 @@ class Uploader:
     def _upload(self, job: UploadJob) -> None:
         start = time.monotonic()
         total = 0
-        if job.before is not None:
-            self._attempt(job.dest.url(), "checking the run's manifest", job.before)
         for name in job.names:
+            if name == job.names[-1] and job.before_commit is not None:
+                self._attempt(job.dest.url(), "checking the run's manifest", job.before_commit)
             local = job.source.local_path(name)
             assert local is not None, "uploads start from local files"
 

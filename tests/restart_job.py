@@ -80,7 +80,7 @@ def main() -> int:
         return 3
     if ckpt.resumed_from is not None:
         save_file(snapshot(policy, opt), os.path.join(args.out, f"resumed-rank{rank}.safetensors"),
-                  {"epoch": str(ckpt.resumed_from.epoch)})  # fmt: skip
+                  {"epoch": str(ckpt.resumed_from.epoch), "uri": ckpt.resumed_from.uri})  # fmt: skip
     model = DistributedDataParallel(policy)
     for epoch in range(ckpt.start_epoch, args.epochs + 1):
         for _ in range(3):

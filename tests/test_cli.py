@@ -231,3 +231,24 @@ def test_the_version_is_the_packages():
     import importlib.metadata
 
     assert ckptio.__version__ == importlib.metadata.version("ckptio")
+
+
+def test_a_cli_warning_is_one_line(tmp_path, capsys):
+    import shutil
+
+    saved = ckptio.CheckpointManager(str(tmp_path / "run")).save_agent({"w": torch.ones(2)}, 1, {"r": 1})
+    os.makedirs(tmp_path / "copy")
+    shutil.copy(saved, tmp_path / "copy" / "x.safetensors")  # a copy without its metrics: loads, with a warning
+    assert main(["inspect", str(tmp_path / "copy" / "x.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ckptio: warning: ") and "not beside it" in err, err
+
+
+@pytest.mark.parametrize("command", ["inspect", "ls", "convert", "export", "verify"])
+def test_every_positional_argument_says_what_it_takes(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    section = text.split("positional arguments:", 1)[1].split("options:", 1)[0]
+    rows = [line.split(None, 1) for line in section.strip().splitlines() if not line.startswith("    " * 3)]
+    assert rows and all(len(row) == 2 for row in rows), section

@@ -234,3 +234,14 @@ def test_latest_pruned_between_listing_and_opening_is_listed_again(tmp_path, pol
         monkeypatch.undo()
         assert pruned == ["r.e00000002.safetensors"]
         assert art.epoch == 1 and art.training_metrics == {"epoch": 1}
+
+
+def test_the_manager_takes_a_trainer_state_as_a_plain_nested_dict(tmp_path, policy):
+    mgr = ckptio.CheckpointManager(str(tmp_path / "run"))
+    state = {"step": 7, "scheduler": {"last_epoch": 3, "lrs": [0.1, 0.05]}, "buffer": torch.arange(4)}
+    mgr.save_checkpoint(policy, 1, trainer_state=state)
+    back = mgr.load_trainer_state()
+    assert back["step"] == 7 and back["scheduler"] == {"last_epoch": 3, "lrs": [0.1, 0.05]}
+    assert torch.equal(back["buffer"], torch.arange(4))
+    with pytest.raises(ckptio.CheckpointFormatError, match="give a dict"):
+        mgr.save_checkpoint(policy, 2, trainer_state=[1, 2])

@@ -540,3 +540,45 @@ def test_coalescing_skips_the_oldest_waiting_checkpoint(tmp_path, policy, monkey
     ck.close()
     assert _epochs(remote) == [1, 4, 5]
     assert [u.rsplit(".e", 1)[1][:8] for u in uploaded] == ["00000001", "00000004", "00000005"]
+
+
+def test_a_store_that_lost_its_objects_gets_the_manifest_again_and_says_why_uploads_fail(s3, tmp_path, policy, caplog):
+    """The bucket deleted under a running job: the retries say the bucket is gone (not "no such file"); recreated
+    empty, the next upload puts the run's manifest back, says so, and the store serves the run again."""
+    import s3fs
+
+    bucket = s3.make_bucket()
+    remote = f"s3://{bucket}/run"
+    fs = s3fs.S3FileSystem(**s3.options())
+    ck = _ckpt(tmp_path, remote, s3.options(), upload_retries=50, upload_backoff_s=0.05)
+    ck.save(policy, 1, {"e": 1})
+    assert ck.uploader.wait(timeout=60)
+    manifest = fs.cat_file(f"{bucket}/run/checkpoints/model_architecture.json")
+    fs.rm(bucket, recursive=True)  # emptied and deleted
+    gone = EventOnLog(f"bucket '{bucket}' does not exist")
+    logging.getLogger("ckptio").addHandler(gone)
+    caplog.set_level("WARNING", logger="ckptio")
+    try:
+        ck.save(policy, 2, {"e": 2})
+        assert gone.event.wait(timeout=60)  # a retry that names the cause
+    finally:
+        logging.getLogger("ckptio").removeHandler(gone)
+    fs.mkdir(bucket)  # recreated, empty
+    ck.close()
+    again = json.loads(fs.cat_file(f"{bucket}/run/checkpoints/model_architecture.json"))
+    assert {k: again[k] for k in ("class_path", "config")} == {
+        k: json.loads(manifest)[k] for k in ("class_path", "config")
+    }
+    assert "the run's manifest was gone from the store" in caplog.text
+    art = ckptio.load_from_uri(remote, storage_options=s3.options(), verify=True)
+    assert art.epoch == 2 and art.training_metrics == {"e": 2}
+    assert [i.epoch for i in ckptio.list_checkpoints(remote, s3.options())] == [2]
+
+
+def test_listing_a_bucket_that_does_not_exist_says_so(s3):
+    from ckptio.cli import main
+
+    missing = f"s3://nosuch{uuid.uuid4().hex[:8]}/run"
+    with pytest.raises(ckptio.StorageError, match="does not exist"):
+        ckptio.list_checkpoints(missing, s3.options())
+    assert main(["--storage-options", json.dumps(s3.options()), "ls", missing]) != 0

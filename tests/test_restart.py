@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 
 import pytest
 import torch
@@ -114,6 +115,10 @@ def test_a_job_restarted_in_place_resumes_on_every_node(store, tmp_path, nodes, 
     before = proxy.sent
     succeeded(agents(tmp_path, "a", nodes, "--epochs", str(last + 1), *args, outs="b"))
     resumed_everywhere(tmp_path, "b", nodes, last, saved_by="a")
+    node0 = str(tmp_path / "a0" / "rlrun" / "checkpoints" / f"rlrun.e{last:08d}.safetensors")
+    for i in range(nodes):  # resumed_from names the checkpoint where it is: on node 0's disk, from its host
+        with safe_open(tmp_path / f"b-out{i}" / f"resumed-rank{i}.safetensors", "pt") as f:
+            assert f.metadata()["uri"] == (node0 if i == 0 else f"{socket.gethostname()}:{node0}")
     if remote:  # the master's disk served its peers: of the store, listings and the manifest, never the files
         local = Storage(str(tmp_path / "a0" / "rlrun" / "checkpoints"))
         assert proxy.sent - before < 0.05 * checkpoint_bytes(local), proxy.sent - before

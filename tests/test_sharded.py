@@ -277,3 +277,28 @@ def test_save_from_any_wrapping_load_into_any_other_at_another_world_size(tmp_pa
         results = json.load(f)
     assert len(results) == 9 * 9, sorted(results)
     assert {k: v for k, v in results.items() if v} == {}
+
+
+def test_a_partial_checkpoint_of_an_adapter_resumes_into_the_full_model_at_any_world_size(tmp_path):
+    """LoRA-style: only the trainable adapter and its Adam state are saved (FSDP2, 2 ranks), and resume into the
+    full model at 2 and 1 ranks: what torch's own full state dicts show equals what was trained."""
+    run = str(tmp_path / "run")
+    cmd = torchrun_cmd("partial_job", run, str(tmp_path / "first"), "--epochs", "2", nproc=2)
+    first = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-4000:]
+    trained = load_file(str(tmp_path / "first" / "trained.safetensors"))
+    latest = ckptio.latest(run)
+    assert sorted(load_file(latest.uri)) == ["down.weight", "up.weight"]  # stock safetensors: the adapter alone
+    for k, v in load_file(latest.uri).items():
+        assert torch.equal(v, trained[f"model.{k}"])
+    from partial_job import AdaptedArch
+
+    with pytest.raises(ckptio.CheckpointFormatError, match="partial checkpoint"):  # no model to create from it
+        with ckptio.Checkpointer(run, AdaptedArch()) as ck:
+            ck.load_or_create_policy({})
+    for nproc in (2, 1):
+        out = tmp_path / f"resumed{nproc}"
+        cmd = torchrun_cmd("partial_job", run, str(out), "--epochs", "2", nproc=nproc)
+        again = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+        assert again.returncode == 0, again.stderr[-4000:]
+        assert_same(load_file(str(out / "loaded.safetensors")), trained, f"resumed at {nproc} ranks")

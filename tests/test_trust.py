@@ -498,3 +498,70 @@ def test_a_header_cannot_name_a_sidecar_outside_its_directory(tmp_path, named):
         ckptio.formats.write_safetensors(f, {"w": torch.ones(2)}, meta)
     with pytest.raises(ckptio.CorruptCheckpointError, match="not a file beside it"):
         ckptio.load_from_uri(str(tmp_path / "p.safetensors"))
+
+
+# ---- what a failed save leaves ------------------------------------------------------------------
+
+
+def test_failed_saves_leave_none_of_their_files(tmp_path, policy, arch, monkeypatch):
+    """Four saves on a full disk: each wrote its sidecars, then its weights failed; none of it stays."""
+    run = str(tmp_path / "run")
+    ck = ckptio.Checkpointer(run, arch)
+    ck.save(policy, 1, {"r": 1}, trainer_state={"step": 1})
+    real = ckptio.storage.Storage.write
+
+    def full(self, name, writer, **kw):
+        if name in {f"run.e{e:08d}.safetensors" for e in (2, 3, 4, 5)}:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, writer, **kw)
+
+    monkeypatch.setattr(ckptio.storage.Storage, "write", full)
+    for epoch in (2, 3, 4, 5):
+        with pytest.raises(ckptio.CheckpointSaveError, match="No space left"):
+            ck.save(policy, epoch, {"r": epoch}, trainer_state={"step": epoch})
+    monkeypatch.undo()
+    assert [n for n in _files(run) if ".e0000000" in n and "e00000001" not in n] == []
+    assert all(r.status == "ok" for r in ckptio.verify(run)), ckptio.verify(run)
+    ck.close()
+
+
+KILLED_SAVE = """
+import os, signal, sys, torch, ckptio
+from ckptio.storage import Storage
+real = Storage.write
+def write(self, name, writer, **kw):
+    if name == "run.e00000002.safetensors":  # its sidecars are written: die before the weights are
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, name, writer, **kw)
+Storage.write = write
+mgr = ckptio.CheckpointManager(sys.argv[1])
+mgr.save_agent({"w": torch.ones(3)}, 2, {"r": 2}, trainer_state={"step": torch.tensor([2])})
+"""
+
+
+def test_retention_removes_what_a_writer_killed_mid_save_left(tmp_path, policy):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    run = str(tmp_path / "run")
+    mgr = ckptio.CheckpointManager(run, keep_last=5)
+    mgr.save_agent({"w": torch.zeros(3)}, 1, {"r": 1})
+    mgr.save_agent({"w": torch.zeros(3)}, 2, {"r": 1})
+    for _ in range(2):  # a re-save of epoch 2 killed, then one of epoch 2 after it... twice over
+        killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, run], env=subprocess_env(), capture_output=True)
+        assert killed.returncode == -signal.SIGKILL
+    # its own metrics and each killed save's (their trainer state may be left as a temporary, or committed)
+    assert len([n for n in _files(run) if ".e00000002." in n and n.endswith(".metrics.json")]) == 3
+    # a save of an epoch whose weights never appeared at all
+    layout.write_checkpoint(mgr.storage, "run.e00000009.safetensors", {"w": torch.ones(1)}, training_metrics={"r": 9})
+    os.unlink(os.path.join(run, "checkpoints", "run.e00000009.safetensors"))
+    orphans = [r for r in ckptio.verify(run) if r.status == "unverified"]
+    assert len(orphans) == 1 and "never committed" in orphans[0].detail
+    assert ckptio.load_from_uri(run).training_metrics == {"r": 1}  # the kills changed nothing
+    # the next job's first save: its temporaries go as always, and its retention removes the sidecars
+    ckptio.CheckpointManager(run, keep_last=5).save_agent({"w": torch.zeros(3)}, 3, {"r": 3})
+    assert all(r.status == "ok" for r in ckptio.verify(run)), ckptio.verify(run)
+    assert len(_files(run)) == 6, _files(run)  # three checkpoints, each its weights and metrics; no temporaries
