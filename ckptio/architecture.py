@@ -51,7 +51,7 @@ _registered: dict[str, type] = {}
 _warned_main: set[str] = set()
 
 
-def class_path_of(obj_or_cls: Any) -> str:
+def class_path_of(obj_or_cls: Any, *, registering: bool = False) -> str:
     """Dotted import path of an architecture's class: the one another process can import."""
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
     if "<locals>" in cls.__qualname__:
@@ -62,11 +62,14 @@ def class_path_of(obj_or_cls: Any) -> str:
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
         if spec is not None and spec.name and spec.name != "__main__":
             module = spec.name
-        elif cls.__qualname__ not in _warned_main:
+        elif not registering and cls not in _registered.values() and cls.__qualname__ not in _warned_main:
+            # a class the script registered is rebuilt by the processes that run this script (its ranks, its
+            # restarts), which register it too: said once the user chose it, it is noise on every run
             _warned_main.add(cls.__qualname__)
             warnings.warn(
                 f"architecture {cls.__qualname__} is defined in the script being run (__main__): no other process "
-                "can import it to rebuild the policy. Move it into a module (or run the script with python -m)",
+                "can import it to rebuild the policy. Move it into a module, run the script with python -m, or, where "
+                "only this script rebuilds it, register it (@ckptio.register_architecture)",
                 CheckpointWarning,
                 stacklevel=3,
             )
@@ -74,9 +77,10 @@ def class_path_of(obj_or_cls: Any) -> str:
 
 
 def register_architecture(cls: type) -> type:
-    """Allow this class to be rebuilt from its class path (usable as a decorator)."""
+    """Allow this class to be rebuilt from its class path (usable as a decorator). A class of the script being run
+    (``__main__``) is then rebuilt by the processes that run the same script, without a warning."""
     with _lock:
-        _registered[class_path_of(cls)] = cls
+        _registered[class_path_of(cls, registering=True)] = cls
     return cls
 
 

@@ -72,7 +72,14 @@ def _sharded() -> ModuleType:
 
 
 class Checkpointer:
-    """Rank-aware save/resume for one run directory (local path or URI)."""
+    """Rank-aware save/resume for one run directory (local path or URI).
+
+    After a resume (``load_or_create_policy`` or ``load_into``), on every rank: ``resumed_from`` is the
+    CheckpointInfo resumed (None for a new run), ``start_epoch`` the epoch to train next (0 for a new run) and
+    ``trainer_state`` what ``save(..., trainer_state=)`` stored with it (a scheduler's state, the data position).
+    From its first resume or save until ``close()``, the master holds the run's writer lease: another job's
+    Checkpointer on the same run is refused (WriterConflictError), and an epoch saved before it is never replaced.
+    """
 
     def __init__(
         self,

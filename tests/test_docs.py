@@ -51,6 +51,7 @@ def test_every_snippet_of_the_page_runs_as_shown(page, tmp_path):
         proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(CKPTIO_CACHE_DIR=str(tmp_path / "cache")),
                               capture_output=True, text=True, timeout=180)  # fmt: skip
         assert proc.returncode == 0, f"{page}, snippet {i + 1}:\n{code}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        assert "CheckpointWarning" not in proc.stderr, f"{page}, snippet {i + 1} warns:\n{proc.stderr[-2000:]}"
 
 
 def test_the_readme_opens_with_the_two_commands_and_stays_short():
@@ -74,3 +75,33 @@ def test_every_page_is_in_the_site_navigation():
     nav = open(os.path.join(REPO_ROOT, "mkdocs.yml")).read()
     pages = [os.path.relpath(p, os.path.join(REPO_ROOT, "docs")) for p in PAGES if p.startswith("docs")]
     assert [p for p in pages if f" {p}" not in nav] == []
+
+
+def _paragraph_defects(page: str) -> list[str]:
+    """Lines of a page that render as raw text in a paragraph though they are written as a table row or a list item
+    (a blank line splitting a table, a list with no blank line before it): strict builds pass them."""
+    import html
+
+    import markdown
+
+    text = open(os.path.join(REPO_ROOT, page)).read()
+    md = markdown.Markdown(extensions=["tables", "admonition", "attr_list", "pymdownx.superfences"])
+    rendered = md.convert(text)
+    found = []
+    for para in re.findall(r"<p>(.*?)</p>", rendered, re.S):
+        for line in html.unescape(re.sub(r"<[^>]+>", "", para)).splitlines():
+            if re.match(r"\s*\|.*\|\s*$", line) or re.match(r"\s*(?:[-*+]|\d+\.)\s+\S", line):
+                found.append(line.strip())
+    return found
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.startswith("docs")])
+def test_no_table_or_list_of_a_page_renders_as_raw_text(page):
+    assert _paragraph_defects(page) == []
+
+
+def test_the_render_check_sees_a_split_table_and_a_list_run_into_a_paragraph(tmp_path, monkeypatch):
+    page = tmp_path / "page.md"
+    page.write_text("| a | b |\n|---|---|\n| 1 | 2 |\n\n| 3 | 4 |\n\nWhat follows:\n- one\n- two\n")
+    monkeypatch.setattr("test_docs.REPO_ROOT", str(tmp_path))
+    assert _paragraph_defects("page.md") == ["| 3 | 4 |", "- one", "- two"]
