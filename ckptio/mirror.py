@@ -85,18 +85,18 @@ class RemoteMirror:
             self.uploader = Uploader(on_uploaded=self._after_upload, **self.uploader_options)
         label = base_of(saved.weights)
         job = UploadJob(
-            self.local.storage, self.remote.storage, list(saved.names), label=label, before_commit=self._manifest
+            self.local.storage, self.remote.storage, list(saved.names), label=label, after_commit=self._manifest
         )
         self.uploader.submit(job)
 
-    def _manifest(self) -> None:
-        """Before each upload commits: the store still holds the run's manifest. One that lost it (its bucket emptied or
+    def _manifest(self, timeout: float | None) -> None:
+        """After each upload commits: the store still holds the run's manifest. One that lost it (its bucket emptied or
         recreated) gets it again from the local copy, said once, with what the store now holds."""
-        if self.remote.storage.exists(MANIFEST_NAME) or not self.local.storage.exists(MANIFEST_NAME):
+        if self.remote.storage.exists(MANIFEST_NAME, timeout=timeout) or not self.local.storage.exists(MANIFEST_NAME):
             return
         local = self.local.storage.local_path(MANIFEST_NAME)
         assert local is not None, "uploads start from local files"
-        self.remote.storage.put_file(local, MANIFEST_NAME)
+        self.remote.storage.put_file(local, MANIFEST_NAME, timeout=timeout)
         held = [i.name for i in self.remote.list_checkpoints()]
         log.warning(
             "%s: the run's manifest was gone from the store (its bucket emptied or recreated?): uploaded it again; "

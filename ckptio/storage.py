@@ -379,8 +379,9 @@ class Storage:
 
         threading.Thread(target=setup, name="ckptio-open-ahead", daemon=True).start()
 
-    def kind(self, name: str | None = None) -> str | None:
-        """'file', 'directory', or None when nothing is there (an unreachable store raises StorageError)."""
+    def kind(self, name: str | None = None, *, timeout: float | None = None) -> str | None:
+        """'file', 'directory', or None when nothing is there (an unreachable store raises StorageError within
+        ``timeout``, default the storage's)."""
         path = self.root if name is None else self.path(name)
         if self.is_local:
             try:  # one stat: isdir() then exists() saw a directory created between them as a file
@@ -390,16 +391,16 @@ class Storage:
             return "directory" if stat.S_ISDIR(mode) else "file"
         self.fs.invalidate_cache(path)  # what the store holds now, not what a listing of this process once said
         try:
-            info = self._remote("stat", name, self.fs.info, path)
+            info = self._remote("stat", name, self.fs.info, path, timeout=timeout or self.timeout)
         except CheckpointNotFoundError:
             return None
         return "directory" if info.get("type") == "directory" else "file"
 
     # -- reading -----------------------------------------------------------------------------
-    def exists(self, name: str) -> bool:
+    def exists(self, name: str, *, timeout: float | None = None) -> bool:
         if self.is_local:
             return os.path.exists(self.path(name))
-        return self.kind(name) is not None
+        return self.kind(name, timeout=timeout) is not None
 
     def read_bytes(self, name: str) -> bytes:
         if self.is_local:

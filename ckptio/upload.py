@@ -59,7 +59,8 @@ class UploadJob:
     error: BaseException | None = None
     superseded: bool = False
     seq: int = 0  # submission order: a later job's upload makes an earlier failed one moot
-    before_commit: Callable[[], None] | None = None  # run (with retries) before the weights, the last file, go up
+    # run (with retries, given the per-file time bound) once the weights, the last file, are up
+    after_commit: Callable[[float | None], None] | None = None
 
 
 class Uploader:
@@ -158,8 +159,6 @@ class Uploader:
         start = time.monotonic()
         total = 0
         for name in job.names:
-            if name == job.names[-1] and job.before_commit is not None:
-                self._attempt(job.dest.url(), "checking the run's manifest", job.before_commit)
             local = job.source.local_path(name)
             assert local is not None, "uploads start from local files"
 
@@ -171,6 +170,9 @@ class Uploader:
                 return size
 
             total += self._attempt(job.dest.url(name), "upload", put)
+        if job.after_commit is not None:
+            after = job.after_commit
+            self._attempt(job.dest.url(), "upload", lambda: after(self.file_timeout_s))
         dt = time.monotonic() - start
         log.info("uploaded %s: %d bytes in %.1fs (%.1f MB/s)", job.label, total, dt, total / max(dt, 1e-9) / 1e6)
 

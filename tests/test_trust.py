@@ -565,3 +565,22 @@ def test_retention_removes_what_a_writer_killed_mid_save_left(tmp_path, policy):
     ckptio.CheckpointManager(run, keep_last=5).save_agent({"w": torch.zeros(3)}, 3, {"r": 3})
     assert all(r.status == "ok" for r in ckptio.verify(run)), ckptio.verify(run)
     assert len(_files(run)) == 6, _files(run)  # three checkpoints, each its weights and metrics; no temporaries
+
+
+def test_retention_during_a_save_leaves_that_saves_sidecars(tmp_path, policy):
+    """Retention runs on upload threads while the save thread writes: a save under way is not litter."""
+    run = str(tmp_path / "run")
+    mgr = ckptio.CheckpointManager(run, keep_last=2)
+    mgr.save_agent(policy, 1, {"r": 1})
+    real = ckptio.storage.Storage.write
+
+    def prune_first(self, name, writer, **kw):
+        if name == "run.e00000002.safetensors":  # its sidecars are written, its weights not yet
+            mgr.prune()
+        return real(self, name, writer, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ckptio.storage.Storage, "write", prune_first)
+        mgr.save_agent(policy, 2, {"r": 2}, trainer_state={"step": torch.tensor([2])})
+    art = ckptio.load_from_uri(run, verify=True)
+    assert art.training_metrics == {"r": 2} and mgr.read_trainer_state(mgr.latest()) is not None
