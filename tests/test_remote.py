@@ -468,17 +468,19 @@ def test_remote_retention_keeps_this_jobs_last_save(tmp_path, policy):
 
 
 def test_a_remote_resave_leaves_only_the_new_files(tmp_path, policy):
+    """A re-save with sidecars, then one with other sidecars, then one with none: the store keeps the last's only."""
     from archs import MLPArch
 
     remote = _memory_remote()
     cfg = ckptio.CheckpointConfig(remote_uri=remote)
-    with ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg) as ck:
-        for save in (1, 2):
-            ck.save(policy, 1, {"save": save}, {"step": save}, force=True)
-            assert ck.uploader.wait(timeout=60)  # the first save is on the store before the second replaces it
     storage = Storage(remote + "/checkpoints")
-    names = [n for n in storage.listdir() if n.startswith("run.")]
-    assert len(names) == 3 and ckptio.load_from_uri(remote, verify=True).training_metrics == {"save": 2}, names
+    with ckptio.Checkpointer(str(tmp_path / "run"), MLPArch(), cfg) as ck:
+        for save, metrics, trainer in ((1, {"save": 1}, {"step": 1}), (2, {"save": 2}, {"step": 2}), (3, None, None)):
+            ck.save(policy, 1, metrics, trainer, force=True)
+            assert ck.uploader.wait(timeout=60)  # each save is on the store before the next replaces it
+            names = [n for n in storage.listdir() if n.startswith("run.")]
+            assert len(names) == (3 if metrics else 1), (save, names)
+    assert ckptio.load_from_uri(remote, verify=True).training_metrics is None
 
 
 def test_local_retention_never_deletes_what_is_still_uploading(tmp_path, policy, monkeypatch):
@@ -550,7 +552,7 @@ def test_a_store_that_lost_its_objects_gets_the_manifest_again_and_says_why_uplo
     bucket = s3.make_bucket()
     remote = f"s3://{bucket}/run"
     fs = s3fs.S3FileSystem(**s3.options())
-    ck = _ckpt(tmp_path, remote, s3.options(), upload_retries=50, upload_backoff_s=0.05)
+    ck = _ckpt(tmp_path, remote, s3.options(), upload_retries=50, upload_backoff_s=0.05, close_timeout_s=30)
     ck.save(policy, 1, {"e": 1})
     assert ck.uploader.wait(timeout=60)
     manifest = fs.cat_file(f"{bucket}/run/checkpoints/model_architecture.json")
@@ -560,7 +562,7 @@ def test_a_store_that_lost_its_objects_gets_the_manifest_again_and_says_why_uplo
     caplog.set_level("WARNING", logger="ckptio")
     try:
         ck.save(policy, 2, {"e": 2})
-        assert gone.event.wait(timeout=60)  # a retry that names the cause
+        assert gone.event.wait(timeout=30)  # a retry that names the cause
     finally:
         logging.getLogger("ckptio").removeHandler(gone)
     fs.mkdir(bucket)  # recreated, empty
