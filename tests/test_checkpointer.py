@@ -394,3 +394,24 @@ def test_retention_runs_after_save_returns_and_its_failure_raises_at_the_next_ca
     ckpt.save(policy, 4, force=True)  # the next save's retention catches up
     ckpt.close()
     assert [i.epoch for i in ckptio.list_checkpoints(str(run))] == [4]
+
+
+def test_a_partial_save_names_what_it_keeps_and_strict_false_loads_any_overlap(tmp_path, policy):
+    from archs import ENV, MLPArch
+
+    ck = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch())
+    with pytest.raises(ckptio.InvalidArgumentError, match="'nope', which the state dict does not have"):
+        ck.save(policy, 1, only=["head.weight", "nope"])
+    with pytest.raises(ckptio.InvalidArgumentError, match="needs the module"):
+        ck.save(policy.state_dict(), 1, only="trainable")
+    extra = {**policy.state_dict(), "adapter.weight": torch.ones(2)}  # a tensor the model lacks
+    ck.save(extra, 1)
+    ck.close()
+    torch.manual_seed(1)
+    other = MLPArch().make_policy(ENV)
+    again = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch())
+    with pytest.raises(ckptio.StateDictMismatchError, match="not in model: adapter.weight"):
+        again.load_into(other)
+    assert again.load_into(other, strict=False)
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in other.state_dict().items())
+    again.close()
