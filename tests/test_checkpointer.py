@@ -410,7 +410,7 @@ def test_a_partial_save_names_what_it_keeps_and_strict_false_loads_any_overlap(t
     torch.manual_seed(1)
     other = MLPArch().make_policy(ENV)
     again = ckptio.Checkpointer(str(tmp_path / "run"), MLPArch())
-    with pytest.raises(ckptio.StateDictMismatchError, match="not in model: adapter.weight"):
+    with pytest.raises(ckptio.StateDictMismatchError, match=r"not in model: adapter\.weight"):
         again.load_into(other)
     assert again.load_into(other, strict=False)
     assert all(torch.equal(v, policy.state_dict()[k]) for k, v in other.state_dict().items())
