@@ -152,3 +152,13 @@ def test_storage_benchmark_on_a_directory_and_a_bucket(tmp_path, s3):
 
     left = s3fs.S3FileSystem(**s3.options()).find(f"{bucket}/bench")
     assert left == [], left  # uploads and the download source are removed
+
+
+def test_the_lease_benchmark_measures_its_rows(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.lease", "--repeats", "2", "--ttl", "6", "--out",
+                          str(tmp_path)], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.load(open(tmp_path / "lease.json"))
+    keys = ("local_take_release_ms", "s3_take_release_ms", "s3_refused_beside_a_live_holder_s")
+    assert all(rows[k] > 0 for k in keys), rows

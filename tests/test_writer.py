@@ -108,19 +108,19 @@ ck.close()
 
 
 def test_a_lease_on_a_store_is_refused_while_renewed_and_taken_once_its_holder_is_killed(s3, arch, caplog):
-    """A holder on another host (here: its record says so) is watched: renewed, refused; silent for its ttl, taken."""
+    """A live holder (another process) keeps renewing: a newcomer is refused. Killed, its lease is free at once on
+    its own host; another host's lease is taken once it went unrenewed for its ttl."""
     opts = s3.options()
     run = f"s3://{s3.make_bucket()}/run"
-    code = HOLD.format(tests=os.path.join(REPO_ROOT, "tests"), ttl=1.5, opts=opts, run=run)
+    code = HOLD.format(tests=os.path.join(REPO_ROOT, "tests"), ttl=6.0, opts=opts, run=run)
     holder = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         _wait_for_line(holder, "HOLDING", timeout=60)
-        cfg = ckptio.CheckpointConfig(writer_lease_s=1.5, storage_options=opts)
-        started = time.monotonic()
+        cfg = ckptio.CheckpointConfig(writer_lease_s=6.0, storage_options=opts)
         with pytest.raises(ckptio.WriterConflictError, match=f"pid {holder.pid}") as refused:
             ckptio.Checkpointer(run, arch, cfg).register()
-        assert "renewed its lease" in str(refused.value) and time.monotonic() - started < 30
+        assert "renewed its lease" in str(refused.value)  # seen renewing, not waited out
     finally:
         holder.kill()  # SIGKILL: no release, the record stays on the store
         holder.wait(timeout=30)
