@@ -178,9 +178,13 @@ def test_a_job_whose_lease_was_taken_over_stops_saving_and_a_vanished_lease_is_t
     storage.delete(name)  # the store lost its objects: the heartbeat writes the lease again
     _until(lambda: storage.exists(name))
     other = Holder("t" * 32, "node-7", 4242, time.time(), time.time(), 0.3, None, None)
-    storage.write_bytes(name, other.payload())
     lease = next(iter(ck._leases))
-    _until(lambda: lease.lost is not None)
+
+    def taken_over() -> bool:  # written again until seen: a renewal under way when it lands would overwrite it
+        storage.write_bytes(name, other.payload())
+        return lease.lost is not None
+
+    _until(taken_over)
     with pytest.raises(
         ckptio.WriterConflictError, match=r"node-7, pid 4242, writing since .*, took this run's writer lease over"
     ):
