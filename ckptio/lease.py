@@ -107,6 +107,8 @@ class WriterLease:
             restart=os.environ.get("TORCHELASTIC_RESTART_COUNT"),
         )  # fmt: skip
         self.users = 0
+        self._taking = threading.Lock()  # one taking at a time: a second user waits for the first's outcome
+        self._taken = False
         self.lost: Holder | None = None  # on a store: the job that took the lease over from this one
         self._fd: int | None = None
         self._stop = threading.Event()
@@ -114,25 +116,39 @@ class WriterLease:
 
     @classmethod
     def take(cls, storage: Storage, run: str, ttl_s: float) -> WriterLease:
-        """This process's lease on run ``run`` in ``storage``: taken now, or shared with a Checkpointer of this process holding it.
-        WriterConflictError while another job holds it; StorageError where the directory cannot be written."""
+        """This process's lease on run ``run`` in ``storage``: taken now, or shared with a Checkpointer of this
+        process holding it. WriterConflictError while another job holds it; StorageError where the directory cannot
+        be written. Taking one lease (which may watch a store's for up to its ttl) never holds up another's."""
         key = f"{storage.url()} {run}"
         with cls._held_lock:
             lease = cls._held.get(key)
             if lease is None:
-                lease = cls(storage, run, ttl_s)
-                lease._acquire()
-                cls._held[key] = lease
+                lease = cls._held[key] = cls(storage, run, ttl_s)
             lease.users += 1
-            return lease
+        with lease._taking:
+            if lease._taken:
+                return lease
+            try:
+                lease._acquire()
+            except BaseException:
+                lease._drop_user()
+                raise
+            lease._taken = True
+        return lease
 
-    def release(self) -> None:
-        """One user less; the last one gives the lease up (a later job of this run may take it at once)."""
+    def _drop_user(self) -> bool:
+        """One user less; True when it was the last (the lease is then this process's no more)."""
         with self._held_lock:
             self.users -= 1
             if self.users > 0:
-                return
+                return False
             self._held.pop(f"{self.storage.url()} {self.run}", None)
+            return True
+
+    def release(self) -> None:
+        """One user less; the last one gives the lease up (a later job of this run may take it at once)."""
+        if not self._drop_user():
+            return
         self._stop.set()
         if self._fd is not None:
             os.close(self._fd)  # the flock goes with the descriptor

@@ -1156,6 +1156,14 @@ MUTANTS: list[Mutant] = [
         ),
     ),
     Mutant(
+        "lease.taking-holds-up-others",
+        "lease.py",
+        "        with lease._taking:",
+        "        with cls._held_lock, lease._taking:",
+        "a lease watched on a store for up to its ttl holds up every other lease of the process, and its close()",
+        (WRITER + "::test_taking_one_lease_never_holds_up_another",),
+    ),
+    Mutant(
         "lease.renewal-unseen",
         "lease.py",
         "            if now != held:",

@@ -307,3 +307,32 @@ def test_the_lease_is_one_per_process_and_released_by_its_last_user(tmp_path):
     b.release()
     free = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
     assert free.returncode == 0, free.stderr
+
+
+def test_taking_one_lease_never_holds_up_another(tmp_path):
+    """A lease being watched on a store (up to its ttl) does not stop this process taking another run's lease."""
+    import logging
+    import threading
+
+    from remote_fixtures import EventOnLog
+
+    from ckptio.storage import Storage
+
+    store = Storage(f"memory://lease-{os.getpid()}-{time.monotonic_ns()}/run/checkpoints")
+    store.write_bytes(lease_names("run")[0], Holder("t" * 32, "node-7", 4242, time.time(), time.time(), 5.0, None,
+                                                    None).payload())  # fmt: skip
+    waiting = EventOnLog("waiting up to")
+    logging.getLogger("ckptio").addHandler(waiting)
+    taken: list[WriterLease] = []
+    watcher = threading.Thread(target=lambda: taken.append(WriterLease.take(store, "run", 5.0)))
+    try:
+        watcher.start()
+        assert waiting.event.wait(timeout=30)  # it watches node-7's lease
+        local = WriterLease.take(Storage(str(tmp_path / "checkpoints")), "run", 60.0)
+        assert watcher.is_alive()  # taken while the other still watches
+        local.release()
+    finally:
+        watcher.join(timeout=60)
+        logging.getLogger("ckptio").removeHandler(waiting)
+    assert taken and Holder.parse(store.read_bytes(lease_names("run")[0])).pid == os.getpid()
+    taken[0].release()
