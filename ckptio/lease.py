@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 from .errors import CheckpointError, CheckpointNotFoundError, StorageError, WriterConflictError
@@ -72,7 +72,7 @@ class Holder:
             return None  # not a record this version wrote: a lease nobody can be named for
 
     def payload(self) -> bytes:
-        return json.dumps(self.__dict__, sort_keys=True).encode()
+        return json.dumps(asdict(self), sort_keys=True).encode()
 
 
 def holder_text(holder: Holder | None) -> str:
@@ -112,7 +112,6 @@ class WriterLease:
         self.lost: Holder | None = None  # on a store: the job that took the lease over from this one
         self._fd: int | None = None
         self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
 
     @classmethod
     def take(cls, storage: Storage, run: str, ttl_s: float) -> WriterLease:
@@ -191,8 +190,7 @@ class WriterLease:
             self._lock_file()
         else:
             self._claim_object()
-            self._beat = threading.Thread(target=self._renew, name="ckptio-lease", daemon=True)
-            self._beat.start()
+            threading.Thread(target=self._renew, name="ckptio-lease", daemon=True).start()
 
     def _lock_file(self) -> None:
         import fcntl
@@ -265,8 +263,7 @@ class WriterLease:
         return ""
 
     def _write_record(self) -> None:
-        now = time.time()
-        self.me = Holder(**{**self.me.__dict__, "renewed": now})
+        self.me = replace(self.me, renewed=time.time())
         self.storage.write_bytes(self.name, self.me.payload())
 
     def _renew(self) -> None:
