@@ -15,6 +15,7 @@ Where each concern lives (data flows down this list, never up):
 - ``dcp``           torch.distributed.checkpoint directories: described, converted one tensor at a time
 - ``discovery``     URIs resolved, checkpoints listed, latest and best chosen, ``load_from_uri``
 - ``layout``        one checkpoint's files: names, commit order, sidecars, the manifest; reading them back
+- ``hf``            Hugging Face model folders (``save_pretrained``'s): shards read against their index, written
 - ``formats``       safetensors and .pt bytes: writer, strict reader, digests (whole and per chunk)
 - ``storage``       one directory on any filesystem (fsspec), atomic writes; ``cache`` node-local copies (whole, or a node's ranges)
 - beside them: ``architecture`` (class path + config, the import allow-list), ``artifact`` (PolicyArtifact),
@@ -25,6 +26,7 @@ Where each concern lives (data flows down this list, never up):
 from .architecture import (
     ArchitectureRecord,
     PolicyArchitecture,
+    TransformersArchitecture,
     allow_architecture_modules,
     architecture_from_json,
     architecture_to_json,
@@ -85,6 +87,7 @@ __all__ = [
     "RankInfo",
     "StateDictMismatchError",
     "StorageError",
+    "TransformersArchitecture",
     "UploadError",
     "VerifyResult",
     "WriterConflictError",

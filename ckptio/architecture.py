@@ -25,6 +25,8 @@ from .errors import ArchitectureError, CheckpointError, CheckpointSecurityError,
 __all__ = [
     "ArchitectureRecord",
     "PolicyArchitecture",
+    "TRANSFORMERS_CONFIG_CLASS",
+    "TransformersArchitecture",
     "allow_architecture_modules",
     "allowed_architecture_modules",
     "architecture_from_json",
@@ -129,6 +131,60 @@ class ArchitectureRecord:
         raise type(self.reason)(str(self.reason))
 
 
+# an HF folder's architecture: AutoConfig builds the config class its model_type names
+TRANSFORMERS_CONFIG_CLASS = "transformers.AutoConfig"
+# what a transformers config carries that says nothing of the architecture: compared without them
+_TRANSFORMERS_VOLATILE = ("transformers_version", "dtype", "torch_dtype", "_name_or_path")
+
+
+@dataclass(frozen=True)
+class TransformersArchitecture:
+    """A transformers config as an architecture: ``make_policy`` builds the model class its ``architectures``
+    names (``AutoModel`` where it names none). ``class_path`` is the config's class (``transformers.AutoConfig``
+    for a folder's config.json); it and the model class are imported only through the allow-list."""
+
+    class_path: str
+    config: dict[str, Any]
+    allow: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    @classmethod
+    def of(cls, model_or_config: Any, model_class: str | None = None) -> TransformersArchitecture:
+        """From a transformers model (its config and class) or a ``PretrainedConfig`` (and the model class name to
+        build, where its ``architectures`` names none), in the form ``save_pretrained`` writes config.json."""
+        config = getattr(model_or_config, "config", model_or_config)
+        doc = json.loads(config.to_json_string(use_diff=True))
+        doc["model_type"] = config.model_type
+        if config is not model_or_config:
+            doc["architectures"] = [type(model_or_config).__name__]
+        elif model_class is not None:
+            doc["architectures"] = [model_class]
+        return cls(TRANSFORMERS_CONFIG_CLASS, doc)
+
+    def hf_config(self) -> Any:
+        """The transformers config object (its class imported through the allow-list)."""
+        config_cls = _resolve_class(self.class_path, self.allow)
+        data = dict(self.config)
+        try:
+            if hasattr(config_cls, "for_model"):  # AutoConfig: the class its model_type names
+                return config_cls.for_model(data.pop("model_type"), **data)
+            return config_cls.from_dict(data)
+        except Exception as e:  # transformers raises ValueError, KeyError, TypeError
+            raise ArchitectureError(f"cannot build {self.class_path} from its config: {e}") from e
+
+    def make_policy(self, env_metadata: Any = None) -> torch.nn.Module:
+        config = self.hf_config()
+        names = getattr(config, "architectures", None) or []
+        package = self.class_path.split(".")[0]
+        model_cls = _resolve_class(f"{package}.{names[0]}" if names else f"{package}.AutoModel", self.allow)
+        if not names:
+            return model_cls.from_config(config)
+        return model_cls(config)
+
+
+def _is_transformers_config(cls: type) -> bool:
+    return cls.__module__.split(".")[0] == "transformers" and (hasattr(cls, "for_model") or hasattr(cls, "from_dict"))
+
+
 def architecture_or_record(data: Any, allow: Iterable[str] = (), source: str = "<json>") -> Any:
     """The architecture built through the allow-list, or, where it cannot be, its record (building raises)."""
     try:
@@ -145,8 +201,10 @@ def architecture_or_record(data: Any, allow: Iterable[str] = (), source: str = "
 
 def architecture_to_json(arch: Any) -> dict[str, Any]:
     """``{"class_path", "config"}`` for an architecture (its class is not added to the allow-list)."""
-    if isinstance(arch, ArchitectureRecord):
+    if isinstance(arch, (ArchitectureRecord, TransformersArchitecture)):
         return {"class_path": arch.class_path, "config": arch.config}
+    if not hasattr(arch, "make_policy") and _is_transformers_config(type(arch)) and hasattr(arch, "to_dict"):
+        return architecture_to_json(TransformersArchitecture.of(arch))
     if not hasattr(arch, "make_policy"):
         raise ArchitectureError(f"{type(arch).__qualname__} has no make_policy(env_metadata) method")
     config = _config_of(arch)
@@ -199,6 +257,10 @@ def architecture_from_json(data: Any, allow: Iterable[str] = (), source: str = "
         cls = _resolve_class(data["class_path"], allow)
     except ArchitectureError as e:
         raise type(e)(f"{source}: {e}") from e
+    if not hasattr(cls, "make_policy") and _is_transformers_config(cls):
+        arch = TransformersArchitecture(data["class_path"], config, tuple(allow))
+        arch.hf_config()  # a config transformers refuses is refused here, as any other architecture's
+        return arch
     try:
         if hasattr(cls, "model_validate"):
             arch = cls.model_validate(config)
@@ -215,6 +277,13 @@ def architectures_equal(a: Any, b: Any) -> bool:
     """Same class path and same config (compared in JSON form)."""
     ja = a if isinstance(a, dict) else architecture_to_json(a)
     jb = b if isinstance(b, dict) else architecture_to_json(b)
-    return ja["class_path"] == jb["class_path"] and json.dumps(ja["config"], sort_keys=True) == json.dumps(
-        jb["config"], sort_keys=True
+    return ja["class_path"] == jb["class_path"] and json.dumps(_comparable(ja), sort_keys=True) == json.dumps(
+        _comparable(jb), sort_keys=True
     )
+
+
+def _comparable(record: dict[str, Any]) -> Any:
+    config = record["config"]
+    if record["class_path"] == TRANSFORMERS_CONFIG_CLASS and isinstance(config, dict):
+        return {k: v for k, v in config.items() if k not in _TRANSFORMERS_VOLATILE}
+    return config

@@ -29,7 +29,7 @@ from . import ranks
 from .async_save import AsyncSaver
 from .cache import NodeCache
 from .config import CheckpointConfig
-from .discovery import CheckpointInfo, artifact_of
+from .discovery import CheckpointInfo, artifact_of, locate
 from .errors import (
     CheckpointError,
     CheckpointFormatError,
@@ -38,6 +38,7 @@ from .errors import (
     save_failed,
     typed_io,
 )
+from .hf import HF_INDEX
 from .layout import (
     PARTIAL_KEY,
     PendingSave,
@@ -76,7 +77,8 @@ class Checkpointer:
 
     After a resume (``load_or_create_policy`` or ``load_into``), on every rank: ``resumed_from`` is the
     CheckpointInfo resumed (None for a new run), ``start_epoch`` the epoch to train next (0 for a new run) and
-    ``trainer_state`` what ``save(..., trainer_state=)`` stored with it (a scheduler's state, the data position).
+    ``trainer_state`` what ``save(..., trainer_state=)`` stored with it (a scheduler's state, the data position);
+    ``initial_loaded_from`` the config's ``initial_load`` when a new run started from its weights.
     From its first resume or save until ``close()``, the master holds the run's writer lease: another job's
     Checkpointer on the same run is refused (WriterConflictError), and an epoch saved before it is never replaced.
     """
@@ -107,6 +109,7 @@ class Checkpointer:
         self.resumed_from: CheckpointInfo | None = None
         self.trainer_state: Any = None
         self.start_epoch = 0
+        self.initial_loaded_from: str | None = None  # the config's initial_load, once a new run started from it
         self._registered = False  # this rank took part in register()
         self._claimed: list[int] | None = None  # the master took the run: the epochs saved before it did
         self._before: set[int] = set()  # every rank: those epochs, as the master found them
@@ -261,6 +264,8 @@ class Checkpointer:
     ) -> torch.nn.Module:
         """Every rank: the latest checkpoint's policy (the master's choice), or a fresh identical one."""
         info = self._latest()
+        if info is None and self.config.initial_load is not None:
+            return self._initial_policy(env_metadata, device)
         if info is None:
             # the master's seed, not a draw: creating the policy must not shift any rank's RNG stream
             seed = ranks.broadcast_object(torch.initial_seed() if self.rank.is_master else None)
@@ -296,13 +301,14 @@ class Checkpointer:
         ``to_empty``) from the latest checkpoint.
 
         Each rank reads only its own blocks of the mapped file, at any world size; with
-        ``optimizer``, its state too. Returns False, touching nothing, when there is no checkpoint.
+        ``optimizer``, its state too. Returns False, touching nothing, when there is no checkpoint
+        (a new run with ``initial_load`` is filled from it, and True).
         A partial checkpoint (``save(only=...)``) fills the tensors it holds and leaves the model's others as they
         are; ``strict=False`` does so for any checkpoint, and skips its tensors the model lacks (both logged).
         """
         info = self._latest()
         if info is None:
-            return False
+            return self._initial_into(model, strict)
 
         def load() -> None:
             current = _sharded().model_state(model)
@@ -322,6 +328,56 @@ class Checkpointer:
         ranks.together(load)
         self._resumed(info)
         return True
+
+    # -- a new run's initial weights ------------------------------------------------------------
+    def _initial(self) -> Any:
+        """Every rank: the ``initial_load`` checkpoint's weights, mapped (a remote one through one download per
+        node), and its architecture when it carries one."""
+        uri = self.config.initial_load
+        assert uri is not None
+        opts = self.config.initial_load_storage_options
+        with typed_io(uri, "opening the initial checkpoint"):
+            storage, name = locate(uri, opts)
+        if not storage.is_local and not name.endswith(HF_INDEX):
+            ranks.together(lambda: cache_checkpoint(storage, name, self.cache), here=self.rank.is_local_master)
+        with typed_io(storage.url(name), "loading the initial checkpoint"):
+            return load_checkpoint(storage, name, allow=self.allow, cache=self.cache, with_metrics=False)
+
+    def _initial_policy(self, env_metadata: Any, device: torch.device | str | None) -> torch.nn.Module:
+        def load() -> torch.nn.Module:
+            loaded = self._initial()
+            artifact = artifact_of(loaded)
+            return artifact.instantiate(env_metadata, device=device, policy_architecture=self._architecture)
+
+        module = ranks.together(load)
+        self._started_from(self.config.initial_load)
+        return module
+
+    def _initial_into(self, model: torch.nn.Module, strict: bool) -> bool:
+        if self.config.initial_load is None:
+            return False
+
+        def load() -> None:
+            current = _sharded().model_state(model)
+            loaded = self._initial()
+            if isinstance(loaded.weights, torch.nn.Module):
+                raise CheckpointFormatError(f"{loaded.source}: holds a pickled module, not a state dict to load")
+            weights = dict(loaded.weights)
+            for alias, name in tied_names(model).items():  # a folder save_pretrained wrote stores a tie once
+                if alias not in weights and name in weights:
+                    weights[alias] = weights[name]
+            _sharded().load_model_state(
+                model, current, weights, loaded.source, missing_ok=not strict, unexpected_ok=not strict
+            )
+
+        ranks.together(load)
+        self._started_from(self.config.initial_load)
+        return True
+
+    def _started_from(self, uri: str | None) -> None:
+        self.initial_loaded_from = uri
+        self.resumed_from, self.trainer_state, self.start_epoch = None, None, 0
+        log.info("a new run: started from the weights of %s on rank %d", uri, self.rank.rank)
 
     def load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """After a resume: restore the optimizer saved with ``save(..., optimizer=)``, sharded or not, any world size."""

@@ -46,13 +46,31 @@ def _run(args: argparse.Namespace) -> int:
         print(convert(args.src, args.dst, trusted=args.trusted, storage_options=opts, epoch=args.epoch,
                       architecture=architecture, model_key=args.model_key))  # fmt: skip
     elif args.command == "export":
-        print(export(args.src, args.dst, storage_options=opts))
+        if args.hf:
+            config = _json_file(args.config) if args.config else None
+            print(export(args.src, args.dst, storage_options=opts, hf=True, config=config, dtype=args.dtype,
+                         max_shard_size=args.max_shard_size))  # fmt: skip
+        elif args.config or args.dtype or args.max_shard_size:
+            raise CheckpointError("--config, --dtype and --max-shard-size go with export --hf")
+        else:
+            print(export(args.src, args.dst, storage_options=opts))
     elif args.command == "verify":
         results = verify(args.uri, opts)
         for r in results:
             print(f"{_STATUS[r.status]} {r.uri}" + (f": {r.detail}" if r.detail else ""))
         return 1 if any(not r.ok for r in results) else 0
     return 0
+
+
+def _json_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object (a transformers config.json)")
+    return doc
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -97,10 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export",
         parents=[common],
         help="copy a checkpoint with all its files (metrics, trainer state, architecture) under a new name or "
-        "place: DST is a file name, or a directory ending in /",
+        "place: DST is a file name, or a directory ending in /; with --hf, DST is a folder from_pretrained loads",
     )
     p.add_argument("src", help="a checkpoint file, or a run directory (its latest)")
     p.add_argument("dst", help="the copy's file name, or a directory ending in / (the source's name kept)")
+    p.add_argument(
+        "--hf", action="store_true", help="write a Hugging Face folder: config.json, model.safetensors or shards"
+    )
+    p.add_argument("--config", help="--hf: the config.json to write (default: the checkpoint's transformers config)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="--hf: cast floating tensors")
+    p.add_argument("--max-shard-size", help="--hf: shard above this size, e.g. 5GB or 500MiB (default: one file)")
     p = sub.add_parser(
         "verify",
         parents=[common],

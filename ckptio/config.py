@@ -29,6 +29,8 @@ class CheckpointConfig:
     - ``async_save``: ``save`` returns once tensors are copied to CPU; writing runs in the background.
     - Resume from object storage: ``cache_dir`` (default ``$CKPTIO_CACHE_DIR`` or ``~/.cache/ckptio``)
       holds one copy per node, up to ``cache_max_bytes``.
+    - ``initial_load``: a checkpoint a new run starts from (a ckptio file or run, a Hugging Face folder, any URI),
+      weights only: the optimizer, RNG and epoch start fresh. Once the run saved a checkpoint, it resumes that.
     - ``resume_without_trainer_state``: resume with a fresh optimizer and RNG (a warning) when the
       trainer-state file is missing or damaged, instead of raising.
     - Preemption: on SIGTERM (schedulers and torchrun send it before killing a job) the save in flight
@@ -72,6 +74,9 @@ class CheckpointConfig:
     # Node-local cache for checkpoints loaded from object storage.
     cache_dir: str | None = None
     cache_max_bytes: int = DEFAULT_MAX_BYTES
+    # What a run with no checkpoint of its own starts from: its weights, read by every rank (a fine-tune's base).
+    initial_load: str | None = None
+    initial_load_storage_options: dict[str, Any] = field(default_factory=dict)
     # A checkpoint saved with trainer state whose trainer-state file is missing or damaged: resuming
     # would silently restart the optimizer and RNG, so it is an error unless this allows it (a warning).
     resume_without_trainer_state: bool = False

@@ -23,6 +23,7 @@ from .errors import (
     InvalidArgumentError,
     typed_io,
 )
+from .hf import HF_INDEX, hf_name, is_hf_name
 from .layout import (
     CHECKPOINTS_DIR,
     WEIGHT_EXTENSIONS,
@@ -103,7 +104,7 @@ def resolve(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple
         if storage.kind() != "directory" and not (not storage.is_local and storage.listdir()):
             raise CheckpointNotFoundError(f"{uri}: {directory} is not a directory of checkpoints")
         return _checkpoint_dir(storage), None
-    if stripped.endswith(WEIGHT_EXTENSIONS):
+    if stripped.endswith((*WEIGHT_EXTENSIONS, HF_INDEX)):
         directory, name = posixpath.split(stripped)
         parent, folder = posixpath.split(directory)
         outer = Storage(parent or ".", opts)
@@ -120,7 +121,13 @@ def resolve(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple
         if legacy is not None and "/" in legacy.name and outer.exists(legacy.name):
             return outer, legacy.name
     if kind == "directory" or (kind is None and not storage.is_local and storage.listdir()):
-        return _checkpoint_dir(storage), None
+        checkpoints = _checkpoint_dir(storage)
+        if checkpoints is storage:  # a folder save_pretrained wrote is one checkpoint, not a directory of them
+            listing = storage.listdir()
+            hf = hf_name(listing)
+            if hf is not None and not scan(storage, listing):
+                return storage, hf
+        return checkpoints, None
     directory, base = posixpath.split(stripped)
     parent = Storage(directory or ".", opts)
     for fmt in ("safetensors", "pt"):  # a base path without extension
@@ -134,6 +141,8 @@ def resolve(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple
 def list_checkpoints(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[CheckpointInfo]:
     """Committed checkpoints under a directory URI, oldest first."""
     storage, name = resolve(uri, storage_options)
+    if name is not None and is_hf_name(name):  # a Hugging Face folder: its one checkpoint, at epoch 0
+        return [CheckpointInfo(storage.url(name), name, 0, "safetensors", "model", storage, legacy=True)]
     if name is not None:
         raise CheckpointFormatError(f"{uri}: is a checkpoint file, not a directory")
     return scan(storage)

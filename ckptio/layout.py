@@ -63,6 +63,7 @@ from .formats import (
     verify_safetensors,
     write_safetensors,
 )
+from .hf import HF_INDEX, config_architecture, is_hf_name, read_config, read_shards
 from .storage import FileInfo, Storage, covers, is_network_filesystem, merge_ranges
 from .trainer_state import FlatTrainerState
 
@@ -701,6 +702,10 @@ def architecture_record(storage: Storage, weights: str, metadata: Mapping[str, s
     legacy sidecar. Nothing is imported: copying or describing a checkpoint needs no code."""
     if "ckptio.architecture" in metadata:
         return storage.url(weights) + " header", metadata["ckptio.architecture"]
+    if is_hf_name(weights):  # a Hugging Face folder: its config.json, built by transformers' AutoConfig
+        config = read_config(storage)
+        if config is not None:
+            return storage.url("config.json"), json.dumps(config_architecture(config))
     for name in (MANIFEST_NAME, base_of(weights) + LEGACY_ARCH_SUFFIX):
         data = _read_optional(storage, name)
         if data is not None:
@@ -748,6 +753,8 @@ def open_weights(storage: Storage, name: str, local_path: str | None = None) -> 
 def read_metadata(storage: Storage, name: str, local_path: str | None = None) -> dict[str, str]:
     """Header metadata of a weights file: the header alone for safetensors; a weights-only load for .pt."""
     source = storage.url(name)
+    if name.endswith(HF_INDEX):  # every shard's header, checked against the index
+        return read_shards(storage, name, headers_only=True)[1]
     if name.endswith(".safetensors"):
         if local_path is None and not storage.is_local:
             # two ranged reads, never the whole object
@@ -771,14 +778,20 @@ def read_weights(
     verify: bool = False,
     local_path: str | None = None,
     held: list[tuple[int, int]] | None = None,
+    cache: NodeCache | None = None,
 ) -> tuple[Mapping[str, torch.Tensor] | torch.nn.Module, dict[str, str]]:
     """Tensors (or a trusted pickled module) and header metadata of one weights file.
 
     ``mmap=None`` maps local-disk files and reads network-filesystem files eagerly. ``held``: the
     byte ranges a partial node-cache entry at ``local_path`` holds (its tensors are then read only
-    where held, each chunk checked against its digest).
+    where held, each chunk checked against its digest). A Hugging Face shard index reads every shard it
+    names (from ``cache`` where remote).
     """
     source = storage.url(name)
+    if name.endswith(HF_INDEX):
+        local = storage.local_path(name)
+        mmap = (local is None or not is_network_filesystem(local)) if mmap is None else mmap
+        return read_shards(storage, name, mmap=mmap, verify=verify, cache=cache)
     path = local_path or storage.local_path(name)
     if mmap is None:
         mmap = path is not None and not is_network_filesystem(path)
@@ -1005,9 +1018,9 @@ def load_checkpoint(
     in the node cache.
     """
     source = storage.url(name)
-    local_path, held = _local_copy(storage, name, cache, fetched)
+    local_path, held = (None, None) if name.endswith(HF_INDEX) else _local_copy(storage, name, cache, fetched)
     obj, metadata = read_weights(
-        storage, name, mmap=mmap, trusted=trusted, verify=verify, local_path=local_path, held=held
+        storage, name, mmap=mmap, trusted=trusted, verify=verify, local_path=local_path, held=held, cache=cache
     )
     if isinstance(obj, torch.nn.Module):
         return LoadedCheckpoint(source, obj, metadata, None, None, None)

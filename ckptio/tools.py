@@ -6,6 +6,7 @@ The ``ckptio`` command is a thin shell over these.
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import shutil
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ import torch
 from .architecture import architecture_to_json
 from .artifact import MockArchitecture
 from .dcp import convert_dcp, describe_dcp, is_dcp
-from .discovery import locate, resolve, scan
+from .discovery import list_checkpoints, locate, resolve, scan
 from .errors import (
     CheckpointError,
     CheckpointFormatError,
@@ -28,6 +29,7 @@ from .errors import (
     typed_io,
 )
 from .formats import WRITER_KEYS, check_digest, write_safetensors
+from .hf import HF_CONFIG, HF_INDEX, HF_WEIGHTS, is_hf_name, read_index, read_shards, shard_names, write_hf
 from .layout import (
     CHECKPOINTS_DIR,
     MANIFEST_NAME,
@@ -55,17 +57,36 @@ from .storage import Storage, is_temporary
 from .trainer_state import flatten
 from .version import __version__
 
+log = logging.getLogger("ckptio")
+
 __all__ = ["VerifyResult", "convert", "export", "inspect_checkpoint", "verify", "verify_checkpoint"]
 
 
-def export(src: str, dst: str, *, storage_options: Mapping[str, Any] | None = None) -> str:
+def export(
+    src: str,
+    dst: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    hf: bool = False,
+    config: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | str | None = None,
+) -> str:
     """Copy a checkpoint as a self-contained unit to ``dst``: a file name (any) or a directory (ending in /).
 
     The weights keep their bytes; the sidecars their header names are copied beside them under those
     names, first, and the weights last (the commit point, by atomic rename where the store has one).
     A checkpoint whose architecture lives in its run's manifest gets it in its header, so the copy
     needs no run directory. Returns the copy's URI, verified.
+
+    With ``hf``, ``dst`` is a folder ``from_pretrained`` loads (the weights alone, no sidecars): ``config.json``
+    from ``config`` or a transformers architecture, ``model.safetensors``, or shards of at most
+    ``max_shard_size`` with their index; floating tensors cast to ``dtype`` ("bfloat16", "float16", "float32").
     """
+    if hf:
+        return _export_hf(src, dst, storage_options, config, dtype, max_shard_size)
+    if config is not None or dtype is not None or max_shard_size is not None:
+        raise InvalidArgumentError("config, dtype and max_shard_size apply to an export with hf=True")
     with typed_io(src, "reading"):
         storage, name = locate(src, storage_options)
         metadata = read_metadata(storage, name)
@@ -107,6 +128,52 @@ def export(src: str, dst: str, *, storage_options: Mapping[str, Any] | None = No
     if bad:
         raise CorruptCheckpointError(f"{uri}: the export does not verify: {bad[0].uri}: {bad[0].detail}")
     return uri
+
+
+def _export_hf(
+    src: str,
+    dst: str,
+    storage_options: Mapping[str, Any] | None,
+    config: Mapping[str, Any] | None,
+    dtype: str | None,
+    max_shard_size: int | str | None,
+) -> str:
+    with typed_io(src, "reading"):
+        storage, name = locate(src, storage_options)
+        if not name.endswith(".safetensors") or is_hf_name(name):
+            raise CheckpointFormatError(f"{storage.url(name)}: export --hf takes a ckptio .safetensors checkpoint")
+        metadata = read_metadata(storage, name)
+        record = architecture_record(storage, name, metadata)
+    if config is None and record is not None:
+        try:
+            arch = json.loads(record[1])
+        except ValueError:
+            arch = None
+        if isinstance(arch, dict) and str(arch.get("class_path", "")).startswith("transformers."):
+            config = arch.get("config")
+    if config is not None and not isinstance(config.get("model_type"), str):
+        raise CheckpointFormatError(f"the config for {dst}/{HF_CONFIG} has no 'model_type'; from_pretrained needs it")
+    out = Storage(dst.rstrip("/") or ".", dict(storage_options or {}))
+    taken = [n for n in (HF_WEIGHTS, HF_INDEX) if out.exists(n)]
+    if taken:
+        raise InvalidArgumentError(f"{out.url(taken[0])}: exists; export never overwrites a model")
+    try:
+        written = write_hf(storage, name, out, config=config, dtype=dtype, max_shard_size=max_shard_size)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise save_failed(out.url(), "exporting " + storage.url(name), e) from e
+    if config is None:
+        log.warning(
+            "%s: no config.json written (%s carries no transformers config): pass config= (ckptio export --hf "
+            "--config FILE) for from_pretrained",
+            out.url(),
+            storage.url(name),
+        )
+    bad = [r for r in verify_checkpoint(out, posixpath.basename(written[-1])) if not r.ok]
+    if bad:
+        raise CorruptCheckpointError(f"{out.url()}: the export does not verify: {bad[0].uri}: {bad[0].detail}")
+    return out.url()
 
 
 def _converted(storage: Storage, name: str, trusted: bool) -> dict[str, Any]:
@@ -161,7 +228,7 @@ def convert(
             src, dst, epoch=epoch, architecture=architecture, model_key=model_key, storage_options=storage_options
         )
     if dst.endswith("/"):
-        return _convert_run(src, dst, trusted, storage_options)
+        return _convert_run(src, dst, trusted, storage_options, epoch)
     if not dst.endswith(WEIGHT_EXTENSIONS):
         raise CheckpointFormatError(f"{dst}: destination must end in .safetensors or .pt, or be a directory (DIR/)")
     with typed_io(src, "reading"):
@@ -180,13 +247,15 @@ def convert(
         raise save_failed(out.url(out_name), "converting " + src, e) from e
 
 
-def _convert_run(src: str, dst: str, trusted: bool, storage_options: Mapping[str, Any] | None) -> str:
+def _convert_run(
+    src: str, dst: str, trusted: bool, storage_options: Mapping[str, Any] | None, epoch: int | None = None
+) -> str:
     """Every checkpoint of directory ``src`` into run directory ``dst``, named as ckptio names them."""
     with typed_io(src, "listing"):
         storage, name = resolve(src, storage_options)
-        if name is not None:
+        if name is not None and not is_hf_name(name):
             raise CheckpointFormatError(f"{src}: converting into a directory takes a directory of checkpoints")
-        infos = scan(storage)
+        infos = scan(storage) if name is None else list_checkpoints(src, storage_options)
     if not infos:
         raise CheckpointNotFoundError(f"{src}: no checkpoints in this directory")
     root = dst.rstrip("/")
@@ -196,6 +265,8 @@ def _convert_run(src: str, dst: str, trusted: bool, storage_options: Mapping[str
     for info in infos:
         with typed_io(info.uri, "reading"):
             c = _converted(storage, info.name, trusted)
+        if c["epoch"] is None and info.legacy and is_hf_name(info.name):
+            c["epoch"] = info.epoch if epoch is None else epoch  # a Hugging Face folder: the run's first epoch
         if c["epoch"] is None:
             raise CheckpointFormatError(f"{info.uri}: no epoch in its name or header to name the converted copy")
         target = checkpoint_of(out, run, c["epoch"], "safetensors")
@@ -226,9 +297,9 @@ def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = Non
     storage, name = locate(uri, storage_options)
     obj, metadata = read_weights(storage, name, mmap=None)
     tensors = state_dict_of(obj)
-    arch_raw = metadata.get("ckptio.architecture")
-    if arch_raw is None and storage.exists(MANIFEST_NAME):
-        arch_raw = storage.read_bytes(MANIFEST_NAME).decode("utf-8", "replace")
+    record = architecture_record(storage, name, metadata)  # the manifest through its format check
+    arch_raw = None if record is None else record[1]
+    arch_raw = arch_raw.decode("utf-8", "replace") if isinstance(arch_raw, bytes) else arch_raw
     unique = {id(t): t for t in tensors.values()}
     dtypes: dict[str, int] = {}
     for t in tensors.values():
@@ -248,9 +319,15 @@ def inspect_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = Non
         "architecture": architecture,
         "digest": metadata.get("ckptio.crc32"),
         "weights_key": metadata.get("ckptio.pt_key"),  # a .pt training checkpoint: the entry the weights came from
-        "files": [storage.url(n) for n in [*Sidecars.of(name, metadata, name).names(), name]
-                  if storage.exists(n)],
+        "files": [storage.url(n) for n in _files(storage, name, metadata) if storage.exists(n)],
     }  # fmt: skip
+
+
+def _files(storage: Storage, name: str, metadata: Mapping[str, str]) -> list[str]:
+    if is_hf_name(name):
+        shards = shard_names(read_index(storage, name)) if name.endswith(HF_INDEX) else []
+        return [HF_CONFIG, *shards, name]
+    return [*Sidecars.of(name, metadata, name).names(), name]
 
 
 @dataclass(frozen=True)
@@ -303,8 +380,31 @@ def _detail(error: BaseException, uri: str) -> str:
     return text[len(uri) + 2 :] if text.startswith(uri + ": ") else text
 
 
+def _verify_shards(storage: Storage, name: str) -> list[VerifyResult]:
+    """A Hugging Face index and each shard it names: present, agreeing with it, and its digest where it has one."""
+    uri = storage.url(name)
+    try:
+        weight_map = read_index(storage, name)
+        read_shards(storage, name, headers_only=True)
+    except CheckpointError as e:
+        # the message names the shard at fault (or the index itself): the verdict goes to that file
+        culprit = next((storage.url(s) for s in _shards_of(storage, name) if str(e).startswith(storage.url(s))), uri)
+        return [VerifyResult(culprit, "bad", _detail(e, culprit))]
+    results = [VerifyResult(uri, "ok", f"{len(weight_map)} tensors; every shard agrees with it")]
+    return results + [_verify_weights(storage, shard)[0] for shard in shard_names(weight_map)]
+
+
+def _shards_of(storage: Storage, name: str) -> list[str]:
+    try:
+        return shard_names(read_index(storage, name))
+    except CheckpointError:
+        return []
+
+
 def verify_checkpoint(storage: Storage, name: str) -> list[VerifyResult]:
     """Verify every file of one checkpoint: weights, metrics and trainer state, each against its digest."""
+    if name.endswith(HF_INDEX):
+        return _verify_shards(storage, name)
     weights, metadata = _verify_weights(storage, name)
     results = [weights]
     if metadata is None:

@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(ckptio.__file__).parent
 ORDER = [
     "cli", "checkpointer", "node_fetch", "async_save", "lease", "mirror", "upload", "sharded", "manager", "tools", "dcp",
     "discovery",
-    "layout", "artifact", "architecture", "trainer_state", "formats", "config", "cache", "storage", "ranks", "errors",
+    "layout", "hf", "artifact", "architecture", "trainer_state", "formats", "config", "cache", "storage", "ranks", "errors",
     "version",
 ]  # fmt: skip
 
