@@ -61,6 +61,7 @@ __all__ = [
     "model_state",
     "new_group",
     "optimizer_state",
+    "renames_state",
     "trainer_state_of",
 ]
 
@@ -82,8 +83,21 @@ def new_group(timeout_s: float) -> Any:
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def renames_state(model: torch.nn.Module) -> bool:
+    """Whether a module's own state-dict hook renames what it saves (a fused parameter saved as its parts, as
+    torchtitan's fused QKV is): torch's state-dict APIs look each key up as an attribute and cannot follow."""
+    for module in unwrap_module(model).modules():
+        hooks = [getattr(h, "hook", h) for h in module._state_dict_hooks.values()]
+        hooks += [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()]
+        if not all(getattr(h, "__module__", "").startswith(_COPY_SAFE_HOOKS) for h in hooks):
+            return True
+    return False
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's state dict by FQN (no wrapper prefixes), DTensors left sharded."""
+    if renames_state(model):  # the module's own state_dict names what it saves; its load_state_dict takes it back
+        return {canonical_name(k): v for k, v in unwrap_module(model).state_dict().items()}
     return dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)))
 
 
@@ -651,6 +665,12 @@ def load_model_state(
                 _local(v).copy_(_local_block(saved[k], v) if isinstance(v, DTensor) else _whole(saved[k]))
         return
     new = {k: _local_part(saved[k], v) if isinstance(v, DTensor) else _whole(saved[k]) for k, v in current.items()}
+    if renames_state(model):  # its hooks turn the saved names back into its parameters
+        result = unwrap_module(model).load_state_dict(new, strict=False)
+        left = [k for k in result.missing_keys if not missing_ok] + list(result.unexpected_keys)
+        if left:
+            raise StateDictMismatchError(f"{source}: the model's state-dict hooks left {left[:5]} unloaded")
+        return
     set_model_state_dict(model, new, options=StateDictOptions(strict=not missing_ok))
 
 

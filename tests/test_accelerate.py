@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("accelerate")
 
-from conftest import run_torchrun  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from conftest import run_torchrun
+from safetensors.torch import load_file
 
-import ckptio  # noqa: E402
-from ckptio.integrations.accelerate import model_uri  # noqa: E402
+import ckptio
+from ckptio.integrations.accelerate import model_uri
 
 
 def test_save_state_through_ckptio_then_load_state_continues_bit_identically(tmp_path):

@@ -9,11 +9,11 @@ import torch
 
 pytest.importorskip("lightning")
 
-from conftest import run_torchrun  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from conftest import run_torchrun
+from safetensors.torch import load_file
 
-import ckptio  # noqa: E402
-from ckptio.integrations.lightning import CkptioCheckpointIO  # noqa: E402
+import ckptio
+from ckptio.integrations.lightning import CkptioCheckpointIO
 
 
 def _fit(directory, *, mode="fresh", kill_after=-1, io="sync", check=True):
@@ -89,5 +89,5 @@ def test_a_torch_written_ckpt_loads_without_full_trust(tmp_path):
             return (os.system, ("true",))
 
     torch.save({"state_dict": {}, "hook": Hostile()}, path)
-    with pytest.raises(ckptio.CheckpointSecurityError, match="old.ckpt: holds objects a weights-only load refuses"):
+    with pytest.raises(ckptio.CheckpointSecurityError, match=r"old\.ckpt: holds objects a weights-only load refuses"):
         CkptioCheckpointIO().load_checkpoint(path)

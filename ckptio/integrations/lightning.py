@@ -35,9 +35,7 @@ class CkptioCheckpointIO(CheckpointIO):
 
     def _manager(self, path: Any) -> ckptio.CheckpointManager:
         # keep_last=1: a path is one checkpoint; a newer save to it replaces the older after it committed
-        return ckptio.CheckpointManager(
-            str(path), run_name=RUN_NAME, keep_last=1, storage_options=self.storage_options
-        )
+        return ckptio.CheckpointManager(str(path), run_name=RUN_NAME, keep_last=1, storage_options=self.storage_options)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
