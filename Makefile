@@ -1,5 +1,6 @@
 # Every target creates or reuses .venv itself: torch first (the local CPU build, exact pin),
-# then the project with its dev extras. Nothing else needs to be installed beforehand.
+# then the project with its dev, docs and integrations extras, then torchtitan. Nothing else needs to be
+# installed beforehand.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,9 @@ $(STAMP): pyproject.toml ckptio/version.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev,docs]'
+	$(PY) -m pip install -q -e '.[dev,docs,integrations]'
+	# without its dependencies: its datasets<4.8 pin would take fsspec below s3fs's (the extra lists what it imports)
+	$(PY) -m pip install -q --no-deps 'torchtitan==0.3.0'
 	touch $@
 
 demo: $(STAMP)

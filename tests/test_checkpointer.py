@@ -415,3 +415,47 @@ def test_a_partial_save_names_what_it_keeps_and_strict_false_loads_any_overlap(t
     assert again.load_into(other, strict=False)
     assert all(torch.equal(v, policy.state_dict()[k]) for k, v in other.state_dict().items())
     again.close()
+
+
+class _FusedQKV(torch.nn.Module):
+    """One fused parameter saved as three (as torchtitan's FusedQKVLinear is): its hooks rename what it saves."""
+
+    def __init__(self):
+        super().__init__()
+        self.wqkv = torch.nn.Linear(4, 12)
+        self.register_state_dict_post_hook(self._split)
+        self.register_load_state_dict_pre_hook(self._merge)
+
+    def forward(self, x):
+        return self.wqkv(x)
+
+    @staticmethod
+    def _split(module, state, prefix, local_metadata):
+        for param in ("weight", "bias"):
+            parts = state.pop(f"{prefix}wqkv.{param}").chunk(3)
+            state.update({f"{prefix}{n}.{param}": p.clone() for n, p in zip(("wq", "wk", "wv"), parts, strict=True)})
+
+    @staticmethod
+    def _merge(module, state, prefix, *args):
+        for param in ("weight", "bias"):
+            state[f"{prefix}wqkv.{param}"] = torch.cat([state.pop(f"{prefix}{n}.{param}") for n in ("wq", "wk", "wv")])
+
+
+def test_a_model_whose_hooks_rename_its_state_saves_and_loads_into(tmp_path, env_meta):
+    from archs import MLPArch
+
+    torch.manual_seed(0)
+    saved = torch.nn.Sequential(_FusedQKV(), torch.nn.Linear(12, 2))
+    opt = torch.optim.Adam(saved.parameters())
+    saved(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    with ckptio.Checkpointer(str(tmp_path / "run"), MLPArch()) as ckpt:
+        ckpt.save(saved, epoch=0, optimizer=opt)
+    assert {"0.wq.weight", "0.wv.bias"} <= set(ckptio.load_from_uri(str(tmp_path / "run")).state_dict)
+    torch.manual_seed(1)
+    fresh = torch.nn.Sequential(_FusedQKV(), torch.nn.Linear(12, 2))
+    fresh_opt = torch.optim.Adam(fresh.parameters())
+    with ckptio.Checkpointer(str(tmp_path / "run"), MLPArch()) as ckpt:
+        assert ckpt.load_into(fresh, fresh_opt)
+    assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), fresh.parameters(), strict=True))
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])

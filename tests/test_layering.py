@@ -38,3 +38,14 @@ def test_no_module_imports_upward_or_private_names():
             assert ORDER.index(target) > ORDER.index(module), f"{module} imports {target}, which is above it"
             private = [n for n in names if n.startswith("_") and not n.endswith("__")]
             assert not private, f"{module} imports private names {private} from {target}"
+
+
+def test_the_integrations_use_the_public_api_only():
+    """ckptio/integrations sit above the package, as launch/ does: ``import ckptio`` and its exported names."""
+    for path in sorted((PACKAGE / "integrations").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 0 and not (node.module or "").startswith("ckptio"), (path.name, node.module)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ckptio":
+                assert node.attr in ckptio.__all__, f"{path.name} uses ckptio.{node.attr}, which is not exported"
