@@ -162,3 +162,18 @@ def test_the_lease_benchmark_measures_its_rows(tmp_path):
     rows = json.load(open(tmp_path / "lease.json"))
     keys = ("local_take_release_ms", "s3_take_release_ms", "s3_refused_beside_a_live_holder_s")
     assert all(rows[k] > 0 for k in keys), rows
+
+
+def test_the_hf_export_benchmark_measures_both_methods(tmp_path):
+    pytest.importorskip("transformers")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.hf_export", "--gib", "0.05", "--repeats", "1", "--out",
+                          str(tmp_path)], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.load(open(tmp_path / "hf_export.json"))
+    rows = doc["rows"]
+    assert set(rows) == {"export", "save_pretrained"}
+    assert all(r["total_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows.values())
+    # the same weights written both ways (transformers leaves the same tie out), headers aside
+    assert abs(rows["export"]["bytes"] - rows["save_pretrained"]["bytes"]) < 64 * 1024
+    assert abs(doc["checkpoint_bytes"] - rows["export"]["bytes"]) < 64 * 1024
