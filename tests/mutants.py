@@ -46,7 +46,12 @@ CLI, SHARDED, TORCHRUN, REFERENCE = (
 RANGES, NODES = T + "test_ranges.py", T + "test_nodes.py"
 RESTART, DEPLOY, DCP = T + "test_restart.py", T + "test_deploy.py", T + "test_dcp.py"
 WRITER, DOCS = T + "test_writer.py", T + "test_docs.py"
-HF, LIGHTNING, TITAN, ACCEL = T + "test_hf.py", T + "test_lightning.py", T + "test_torchtitan.py", T + "test_accelerate.py"
+HF, LIGHTNING, TITAN, ACCEL = (
+    T + "test_hf.py",
+    T + "test_lightning.py",
+    T + "test_torchtitan.py",
+    T + "test_accelerate.py",
+)
 HF_MISSING = HF + "::test_an_index_naming_a_missing_shard_is_a_typed_error"
 HF_DISAGREE = HF + "::test_a_shard_disagreeing_with_its_index_is_a_typed_error"
 HF_OUT = HF + "::test_export_loads_with_from_pretrained_and_matches_save_pretrained"
@@ -1480,7 +1485,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "sharded.renaming-hooks-unseen",
         "sharded.py",
-        "        if not all(getattr(h, \"__module__\", \"\").startswith(_COPY_SAFE_HOOKS) for h in hooks):\n            return True",
+        '        if not all(getattr(h, "__module__", "").startswith(_COPY_SAFE_HOOKS) for h in hooks):\n            return True',
         "        if False:\n            return True",
         "a model whose state-dict hooks rename its tensors (torchtitan's fused QKV) cannot be resumed into",
         (CKPT + "::test_a_model_whose_hooks_rename_its_state_saves_and_loads_into",),

@@ -91,3 +91,16 @@ def test_a_torch_written_ckpt_loads_without_full_trust(tmp_path):
     torch.save({"state_dict": {}, "hook": Hostile()}, path)
     with pytest.raises(ckptio.CheckpointSecurityError, match=r"old\.ckpt: holds objects a weights-only load refuses"):
         CkptioCheckpointIO().load_checkpoint(path)
+
+
+def test_lightning_checkpoints_on_s3(s3):
+    io = CkptioCheckpointIO(storage_options=s3.options())
+    path = f"s3://{s3.make_bucket()}/ckpts/epoch=0-step=4.ckpt"
+    state = {"state_dict": {"w": torch.arange(4.0)}, "global_step": 4, "epoch": 0, "loops": {"fit": {"n": 1}}}
+    io.save_checkpoint(state, path)
+    assert [i.epoch for i in ckptio.list_checkpoints(path, s3.options())] == [4]
+    loaded = io.load_checkpoint(path)
+    assert torch.equal(loaded["state_dict"]["w"], torch.arange(4.0)) and loaded["loops"] == {"fit": {"n": 1}}
+    io.remove_checkpoint(path)
+    with pytest.raises(ckptio.CheckpointNotFoundError):
+        ckptio.list_checkpoints(path, s3.options())

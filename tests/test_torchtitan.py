@@ -85,3 +85,46 @@ def test_one_standard_file_per_step_holding_torchtitans_names(dcp_reference, tmp
     state = ckptio.CheckpointManager(str(dump / "checkpoint"), run_name="step").load_trainer_state(infos[-1])
     assert state["user"]["train_state"] == {"step": 4, "ntokens_seen": 4 * 2 * 33}  # per rank, as the job counts
     assert state["user"]["lr_scheduler"] and state["optimizer"]["state"]
+
+
+def _manager(model, dump, **config):
+    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+
+    from ckptio.integrations.torchtitan import CkptioCheckpointManager
+
+    optimizers = default_adamw().build(model_parts=[model])
+    schedulers = LRSchedulersContainer.Config(warmup_steps=1).build(optimizers=optimizers, training_steps=10)
+    adapter = config.pop("sd_adapter", None)
+    return CkptioCheckpointManager.Config(enable=True, **config).build(
+        dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers, states={},
+        sd_adapter=adapter, base_folder=str(dump),
+    )  # fmt: skip
+
+
+def test_initial_load_path_a_ckptio_checkpoint_or_a_hugging_face_folder(tmp_path):
+    from safetensors.torch import save_file
+    from torchtitan.models.llama3 import model_registry
+
+    spec = model_registry("debugmodel")
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return spec.model.build()
+
+    source = build(0)
+    reference = {k: v.clone() for k, v in source.state_dict().items()}
+    adapter = spec.state_dict_adapter(spec.model, None)
+    (tmp_path / "hf").mkdir()  # torchtitan's names mapped to Hugging Face's by the model's own adapter
+    hf = {k: v.contiguous() for k, v in adapter.to_hf(dict(source.state_dict())).items()}
+    save_file(hf, str(tmp_path / "hf" / "model.safetensors"), {"format": "pt"})
+    ckptio.CheckpointManager(str(tmp_path / "base")).save_checkpoint(source, 7)
+    for name, extra in (("base", {}), ("hf", {"initial_load_in_hf": True, "sd_adapter": adapter})):
+        model = build(1)
+        manager = _manager(model, tmp_path / f"run-{name}", initial_load_path=str(tmp_path / name), **extra)
+        assert manager.load() is True
+        assert manager.checkpointer.resumed_from is None and manager.checkpointer.start_epoch == 0
+        assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items()), name
+        manager.close()
+        manager.close()  # torchtitan's Trainer closes it, and __del__ again: once is what runs
+    with pytest.raises(ckptio.InvalidArgumentError, match="load_step=3"):
+        _manager(build(2), tmp_path / "run-base").load(step=3)

@@ -224,5 +224,7 @@ class CkptioCheckpointManager(BaseCheckpointManager):
         return True
 
     def _close(self) -> None:
-        if hasattr(self, "checkpointer"):
-            self.checkpointer.close()
+        # once: torchtitan's Trainer closes it, and __del__ again (at interpreter exit, with modules torn down)
+        checkpointer = self.__dict__.pop("checkpointer", None)
+        if checkpointer is not None:
+            checkpointer.close()
