@@ -174,6 +174,6 @@ def test_the_hf_export_benchmark_measures_both_methods(tmp_path):
     rows = doc["rows"]
     assert set(rows) == {"export", "save_pretrained"}
     assert all(r["total_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows.values())
-    # the same weights written both ways (transformers leaves the same tie out), headers aside
-    assert abs(rows["export"]["bytes"] - rows["save_pretrained"]["bytes"]) < 64 * 1024
-    assert abs(doc["checkpoint_bytes"] - rows["export"]["bytes"]) < 64 * 1024
+    # the same weights written both ways (transformers leaves the same tie out), headers (digests) aside
+    size = rows["save_pretrained"]["bytes"]
+    assert abs(rows["export"]["bytes"] - size) < size / 100 and abs(doc["checkpoint_bytes"] - size) < size / 100

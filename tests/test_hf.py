@@ -78,6 +78,11 @@ def test_export_casts_floating_tensors_to_dtype(saved, tmp_path):
     out = ckptio.export(run, str(tmp_path / "hf"), hf=True, dtype="bfloat16", max_shard_size=SHARD)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["dtype"] == "bfloat16"
+    stored = {}
+    for name in (n for n in os.listdir(out) if n.endswith(".safetensors")):
+        stored.update(load_file(os.path.join(out, name)))  # stock safetensors: what the files hold
+    assert stored and all(t.dtype == torch.bfloat16 for t in stored.values())
+    assert all(torch.equal(t, model.state_dict()[k].to(torch.bfloat16)) for k, t in stored.items())
     loaded = LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
     for key, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], t.to(torch.bfloat16)), key
