@@ -11,12 +11,13 @@ STAMP := $(VENV)/.ckptio-installed
 
 venv: $(STAMP)
 
+# torchtitan goes in without its dependencies: its datasets<4.8 pin would take fsspec below s3fs's (the
+# integrations extra lists what it imports)
 $(STAMP): pyproject.toml ckptio/version.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e '.[dev,docs,integrations]'
-	# without its dependencies: its datasets<4.8 pin would take fsspec below s3fs's (the extra lists what it imports)
 	$(PY) -m pip install -q --no-deps 'torchtitan==0.3.0'
 	touch $@
 
