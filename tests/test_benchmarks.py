@@ -177,3 +177,22 @@ def test_the_hf_export_benchmark_measures_both_methods(tmp_path):
     # the same weights written both ways (transformers leaves the same tie out), headers (digests) aside
     size = rows["save_pretrained"]["bytes"]
     assert abs(rows["export"]["bytes"] - size) < size / 100 and abs(doc["checkpoint_bytes"] - size) < size / 100
+
+
+def test_the_peer_benchmark_measures_ckptio_beside_torch_checkpointing(tmp_path):
+    pytest.importorskip("torch_checkpointing")
+    cmd = [sys.executable, "-m", "benchmarks.peer", "--mib", "2", "--repeats", "1", "--saves", "6", "--growth-mib", "2",
+           "--methods", "ckptio,torch_checkpointing", "--out", str(tmp_path)]  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.load(open(tmp_path / "peer.json"))["rows"]
+    for layout in ("1 process", "2 ranks"):
+        for method in ("ckptio", "torch_checkpointing"):
+            row = rows[f"{layout}.{method}"]
+            assert "error" not in row, row
+            assert row["stall_s"] > 0 and row["durable_s"] >= row["stall_s"] and row["bytes"] > 3 * 2**20 * 2
+            assert row["load_matches_save"], row  # what each loaded is what it saved
+    assert rows["2 ranks.ckptio"]["resume_at_1_rank"] is True
+    assert rows["2 ranks.torch_checkpointing"]["resume_at_1_rank"] is False  # its resharding needs CUDA
+    assert all(rows[f"growth.{m}"]["rss_after_6_mib"] > 0 for m in ("ckptio", "torch_checkpointing"))
+    assert "| 2 ranks.ckptio |" in open(tmp_path / "peer.md").read()
