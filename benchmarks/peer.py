@@ -5,16 +5,21 @@
 The state is a model of 1024x1024 linear layers (``--mib`` MiB of float32 weights) and its Adam state after a
 step (3x the weights in all). Every row runs in fresh processes, the methods alternated, on the same disk:
 
+Each timed save starts with the disk's writeback done (``os.sync()``): otherwise a save's fsync waits behind
+the dirty pages the previous measurement left, which swung a 2-rank durable save between 0.2 and 0.7 s here.
+
 - single process: an async save's training-thread stall (until the state may be changed again: ckptio's
   ``save`` returning, DCP's ``async_save`` returning, torch_checkpointing's ``save`` and then its ``lock()``,
   which waits out its capture), the time until it is durable, the saving process's peak RSS (its writer
-  process's too, sampled), bytes on disk; a load into a built model and optimizer (time, peak RSS); and the RSS
+  process's too, read every 20 ms), bytes on disk; a load into a built model and optimizer (time, peak RSS); and the RSS
   after 5 and after ``--saves`` async saves, one per step.
 - 2 ranks (torchrun, gloo, FSDP2): the same stall and durable save, a load at 2 ranks, and one at 1 rank
   (resume at another world size).
 
 torch_checkpointing runs in its documented CPU configuration (no pinned memory, no non-blocking copies) and with
-``use_direct_io=False``: on this machine's ext4 its O_DIRECT writer fails with EINVAL when a file's length is not
+``use_direct_io=False``; its writer never calls fsync (its future completes once the bytes are in the page
+cache), so its "durable" time includes an fsync of its files and directories, as ckptio's save does and DCP's
+writer does for its files. On this machine's ext4 its O_DIRECT writer fails with EINVAL when a file's length is not
 block-aligned. Resharding (``DefaultResharder``) gathers its metadata through CUDA tensors, so on a CPU its
 checkpoints load only at the world size that saved them; that row says so.
 """
@@ -48,26 +53,30 @@ def _reset_peak() -> None:
 
 
 class _Children:
-    """The peak RSS of this process's child processes (a background writer), sampled every 5 ms."""
+    """The peak RSS of this process's child processes (a background writer, started by the warm-up save), read
+    every 20 ms. Without children it samples nothing: a sampling thread would take the GIL from a writer thread."""
 
     def __init__(self) -> None:
         import psutil
 
-        self.peak, self._stop, self._me = 0, threading.Event(), psutil.Process()
+        self.peak, self._stop = 0, threading.Event()
+        self._children = psutil.Process().children(recursive=True)
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        if self._children:
+            self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.02):
             try:
-                now = sum(c.memory_info().rss for c in self._me.children(recursive=True))
-            except Exception:  # a child that exited between listing and reading
+                now = sum(c.memory_info().rss for c in self._children)
+            except Exception:  # a child that exited
                 continue
             self.peak = max(self.peak, now)
 
     def stop(self) -> int:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         return self.peak
 
 
@@ -159,6 +168,8 @@ class _Method:
             with self.manager.lock():  # what optimizer.step() must take: it waits while the capture runs
                 stall = time.perf_counter() - start
             future.result()
+            _together(self.sharded)  # every rank's files are in place
+            _fsync_tree(self.path(step), _rank() if self.sharded else None)  # its writer never fsyncs
         else:
             import torch.distributed.checkpoint as dcp
 
@@ -204,6 +215,34 @@ class _Method:
             self.manager.close()
 
 
+def _fsync_tree(path: str, rank: int | None) -> None:
+    """The files under ``path`` (with ``rank``: the ones that rank wrote, ``*_{rank}.pt``), then the directories,
+    fsync'ed: what ckptio's save does before it returns."""
+    for directory, _, names in os.walk(path):
+        for name in names:
+            if rank is not None and not name.endswith(f"_{rank}.pt"):
+                continue
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for directory in (path, os.path.dirname(path)) if not rank else ():
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _together(sharded: bool) -> None:
+    """Ranks start a timed step at once: one rank's clock must not count another's os.sync."""
+    if sharded:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -226,6 +265,8 @@ def measure(spec: dict) -> dict:
     try:
         if op == "save":
             method.save(0)  # warm: buffers allocated, writer threads or processes started
+            os.sync()  # no save waits behind the dirty pages of the one before (its own or another method's)
+            _together(sharded)
             _reset_peak()
             base, children = _status("VmRSS"), _Children()
             stall, durable = method.save(1)
@@ -238,6 +279,8 @@ def measure(spec: dict) -> dict:
                 result["bytes"] = _bytes(method.path(1))
             result["fingerprint"] = _fingerprint(model)
         elif op == "load":
+            os.sync()
+            _together(sharded)
             _reset_peak()
             base = _status("VmRSS")
             start = time.perf_counter()
