@@ -19,16 +19,18 @@ from .version import __version__
 _STATUS = {"ok": "OK        ", "bad": "BAD       ", "unverified": "UNVERIFIED", "gone": "GONE      "}
 
 
-def _storage_options(raw: str | None) -> dict[str, Any]:
-    if not raw:
-        return {}
+def _json_object(raw: str, source: str, what: str = "a JSON object") -> dict[str, Any]:
     try:
-        opts = json.loads(raw)
+        doc = json.loads(raw)
     except ValueError as e:
-        raise CheckpointError(f"--storage-options is not valid JSON: {e}") from None
-    if not isinstance(opts, dict):
-        raise CheckpointError(f"--storage-options must be a JSON object, got {type(opts).__name__}")
-    return opts
+        raise CheckpointError(f"{source} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{source} must be {what}, got {type(doc).__name__}")
+    return doc
+
+
+def _storage_options(raw: str | None) -> dict[str, Any]:
+    return _json_object(raw, "--storage-options") if raw else {}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -47,7 +49,10 @@ def _run(args: argparse.Namespace) -> int:
                       architecture=architecture, model_key=args.model_key))  # fmt: skip
     elif args.command == "export":
         if args.hf:
-            config = _json_file(args.config) if args.config else None
+            config = None
+            if args.config:
+                with open(args.config, encoding="utf-8") as f:
+                    config = _json_object(f.read(), args.config, "a JSON object (a config.json)")
             print(export(args.src, args.dst, storage_options=opts, hf=True, config=config, dtype=args.dtype,
                          max_shard_size=args.max_shard_size))  # fmt: skip
         elif args.config or args.dtype or args.max_shard_size:
@@ -60,17 +65,6 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{_STATUS[r.status]} {r.uri}" + (f": {r.detail}" if r.detail else ""))
         return 1 if any(not r.ok for r in results) else 0
     return 0
-
-
-def _json_file(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise CheckpointError(f"{path}: must hold a JSON object (a transformers config.json)")
-    return doc
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:

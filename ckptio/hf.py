@@ -126,11 +126,13 @@ def read_shards(
     headers_only: bool = False,
     verify: bool = False,
     cache: Any = None,
+    weight_map: Mapping[str, str] | None = None,
 ) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:
     """The tensors of every shard the index names, each shard checked against it (a missing shard, a tensor in
     the wrong shard or in none is CorruptCheckpointError naming the file). ``headers_only``: the check alone.
-    A remote folder's shards are mapped from the node ``cache`` (a ``NodeCache``) where one is given."""
-    weight_map = read_index(storage, name)
+    A remote folder's shards are mapped from the node ``cache`` (a ``NodeCache``) where one is given;
+    ``weight_map``: the index, where the caller has read it already."""
+    weight_map = read_index(storage, name) if weight_map is None else weight_map
     wanted: dict[str, set[str]] = {}
     for key, shard in weight_map.items():
         wanted.setdefault(shard, set()).add(key)

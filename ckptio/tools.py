@@ -385,20 +385,17 @@ def _verify_shards(storage: Storage, name: str) -> list[VerifyResult]:
     uri = storage.url(name)
     try:
         weight_map = read_index(storage, name)
-        read_shards(storage, name, headers_only=True)
+    except CheckpointError as e:
+        return [VerifyResult(uri, "bad", _detail(e, uri))]
+    shards = shard_names(weight_map)
+    try:
+        read_shards(storage, name, headers_only=True, weight_map=weight_map)
     except CheckpointError as e:
         # the message names the shard at fault (or the index itself): the verdict goes to that file
-        culprit = next((storage.url(s) for s in _shards_of(storage, name) if str(e).startswith(storage.url(s))), uri)
+        culprit = next((storage.url(s) for s in shards if str(e).startswith(storage.url(s))), uri)
         return [VerifyResult(culprit, "bad", _detail(e, culprit))]
     results = [VerifyResult(uri, "ok", f"{len(weight_map)} tensors; every shard agrees with it")]
-    return results + [_verify_weights(storage, shard)[0] for shard in shard_names(weight_map)]
-
-
-def _shards_of(storage: Storage, name: str) -> list[str]:
-    try:
-        return shard_names(read_index(storage, name))
-    except CheckpointError:
-        return []
+    return results + [_verify_weights(storage, shard)[0] for shard in shards]
 
 
 def verify_checkpoint(storage: Storage, name: str) -> list[VerifyResult]:

@@ -120,7 +120,7 @@ class CkptioCheckpointManager(BaseCheckpointManager):
         self.model, self.optimizer = model_parts[0], optimizers.optimizers[0]
         self.sd_adapter = sd_adapter
         # what else a resume restores, by torchtitan's names: its schedulers, data loader, train state, ...
-        self.others = {k: v for k, v in {LR_SCHEDULER: lr_schedulers, DATALOADER: dataloader, **states}.items()}
+        self.others = {LR_SCHEDULER: lr_schedulers, DATALOADER: dataloader, **states}
         self.folder = filesystem.join(base_folder, config.folder)
         initial = None if config.initial_load_in_hf else config.initial_load_path
         self.checkpointer = ckptio.Checkpointer(
